@@ -22,10 +22,17 @@ def _demo(args: argparse.Namespace) -> int:
 
     torch.manual_seed(0)
     t0 = time.time()
-    spec = TinySpec(family=args.family, num_experts=args.experts, top_k=args.top_k)
-    print(f"[1/3] building the tiny {args.kind} {spec.family} model: {spec.num_layers} MoE layers, "
-          f"{spec.num_experts} experts, top-{spec.top_k}")
-    model, tok = build_model(spec, args.kind)
+    if args.kind == "trained":
+        from .capture import load_model
+        from .train import TRAINED_DIR, TRAINED_SPEC as spec
+        print(f"[1/3] loading the trained tiny {spec.family} model ({TRAINED_DIR}): {spec.num_layers} MoE layers, "
+              f"{spec.num_experts} experts, top-{spec.top_k}")
+        model, tok = load_model(TRAINED_DIR)
+    else:
+        spec = TinySpec(family=args.family, num_experts=args.experts, top_k=args.top_k)
+        print(f"[1/3] building the tiny {args.kind} {spec.family} model: {spec.num_layers} MoE layers, "
+              f"{spec.num_experts} experts, top-{spec.top_k}")
+        model, tok = build_model(spec, args.kind)
     train_docs, held_docs = split_corpus(stdlib_documents())
     cal = tokenize_texts(tok, train_docs, args.seq_len, args.cal_samples)
     print(f"[2/3] calibrating ({args.metric}) on {cal.numel()} tokens of Python stdlib text")
@@ -114,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     d = sub.add_parser("demo", help="offline demo: tiny MoE model, in-process calibration, fidelity table")
-    d.add_argument("--kind", choices=["planted", "random"], default="planted")
+    d.add_argument("--kind", choices=["planted", "random", "trained"], default="planted")
     d.add_argument("--family", default="qwen3_moe")
     d.add_argument("--experts", type=int, default=16)
     d.add_argument("--top-k", type=int, default=4)

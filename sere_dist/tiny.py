@@ -109,8 +109,8 @@ def hf_config(spec: TinySpec, vocab_size: int, eos_ids: list[int], pad_id: int):
     elif fam == "deepseek_v2":
         cfg = tf.DeepseekV2Config(**common, intermediate_size=2 * i_e, moe_intermediate_size=i_e,
                                   n_routed_experts=n_e, num_experts_per_tok=k, n_shared_experts=1,
-                                  first_k_dense_replace=0, moe_layer_freq=1, kv_lora_rank=64, q_lora_rank=None,
-                                  qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=64, n_group=1,
+                                  first_k_dense_replace=0, moe_layer_freq=1, kv_lora_rank=512, q_lora_rank=None,
+                                  qk_nope_head_dim=32, qk_rope_head_dim=64, v_head_dim=64, n_group=1,
                                   topk_group=1, topk_method="greedy", routed_scaling_factor=1.0,
                                   norm_topk_prob=False, scoring_func="softmax")
         arch = "DeepseekV2ForCausalLM"
