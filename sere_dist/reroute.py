@@ -76,6 +76,7 @@ def reroute(topk_ids: torch.Tensor, sim: torch.Tensor, select_top_k: int, thresh
         visits through its own top-S experts, else fall back to the paper's choice.
     Returns (new_ids with the input's shape and dtype, stats or None).
     """
+    sim = sim.float()  # rho is compared in float32 whatever the stored dtype (as the native kernels do)
     squeeze = topk_ids.dim() == 2
     ids = topk_ids.unsqueeze(0) if squeeze else topk_ids
     if valid is not None and squeeze:

@@ -1,0 +1,398 @@
+"""The native re-routing kernels give bit-identical ids to the torch reference, and dispatch falls back cleanly.
+
+The reference is `sere_dist.reroute.reroute` with the similarity widened to float32 (DESIGN.md: compared
+in float32). Random cases are drawn fresh per seed; coarse similarity levels create ties, and rho values on
+those levels create ties with the threshold.
+"""
+
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sere_dist import native
+from sere_dist.reroute import reroute
+from tests.naive import naive_paper
+
+REPO = Path(__file__).resolve().parents[1]
+E_CHOICES = (1, 2, 7, 31, 33, 60, 64, 97, 128, 160, 256, 300, 511, 512)
+SIM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # small torch ops with an OpenMP team slow down 10-20x when other processes share the cores
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def op():
+    if os.environ.get("SERE_NATIVE", "1") == "0":
+        pytest.skip("SERE_NATIVE=0")
+    if not native.load_extension():
+        pytest.fail(f"the native extension did not build: {native.extension_error()}")
+    return torch.ops.sere_dist
+
+
+def random_case(rng: random.Random, max_t: int = 4096, device: str = "cpu"):
+    e = rng.choice(E_CHOICES) if rng.random() < 0.5 else rng.randint(1, 512)
+    k = rng.randint(1, min(16, e))
+    s = k if rng.random() < 0.15 else rng.randint(1, k)
+    t = min(max_t, int(math.exp(rng.uniform(0, math.log(max_t + 1)))))
+    if rng.random() < 0.03:
+        t = 0
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    levels = rng.choice([4, 10, 1000, 0])  # 0: continuous values
+    if levels:
+        sim = torch.randint(0, levels + 1, (e, e), generator=g).float() / levels
+    else:
+        sim = torch.rand(e, e, generator=g)
+    if rng.random() < 0.5:
+        sim = torch.maximum(sim, sim.t()).fill_diagonal_(1.0)
+    rho = rng.choice([0.0, 1.0, 0.3, 0.5, 0.75, rng.random()])
+    if levels and rng.random() < 0.3:
+        rho = rng.randint(0, levels) / levels  # exactly on a level: ties with the threshold
+    if rng.random() < 0.8:  # k distinct ids, skewed so batches share experts
+        logits = torch.randn(t, e, generator=g) - torch.linspace(0, rng.uniform(0, 6), e)
+        ids = logits.topk(k, dim=1).indices
+    else:  # repeats inside a token are legal input too
+        ids = torch.randint(0, e, (t, k), generator=g)
+    ids = ids.to(rng.choice([torch.int32, torch.int64]))
+    r = rng.random()
+    valid = None if r < 0.4 else torch.rand(t, generator=g) > rng.choice([0.1, 0.5, 0.9, 1.0])
+    sim_dtype = rng.choice(SIM_DTYPES)
+    sim = sim.to(sim_dtype)
+    return (ids.to(device), sim.to(device), s, rho, None if valid is None else valid.to(device))
+
+
+def expected(ids, sim, s, rho, valid):
+    ids, sim = ids.cpu(), sim.cpu().float()
+    return reroute(ids, sim, s, rho, None if valid is None else valid.cpu(), with_stats=False)[0]
+
+
+def assert_same(got, want, case):
+    ids, sim, s, rho, valid = case
+    detail = (f"T={ids.shape[0]} k={ids.shape[1]} E={sim.shape[0]} S={s} rho={rho} ids={ids.dtype} "
+              f"sim={sim.dtype} valid={'none' if valid is None else int(valid.sum())}")
+    assert got.dtype == ids.dtype and got.shape == ids.shape, detail
+    assert torch.equal(got.cpu(), want), detail
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_cpu_kernel_matches_reference_on_random_cases(op, seed):
+    rng = random.Random(seed * 7919 + 11)
+    for _ in range(500):
+        case = random_case(rng, max_t=1024 if rng.random() < 0.95 else 4096)
+        assert_same(op.reroute(*case), expected(*case), case)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_cpu_kernel_in_place_matches_reference(op, seed):
+    rng = random.Random(100 + seed)
+    for _ in range(300):
+        case = random_case(rng, max_t=512)
+        ids = case[0].clone()
+        op.reroute_(ids, *case[1:])
+        assert_same(ids, expected(*case), case)
+
+
+def test_cpu_kernel_parallel_path_on_large_batches(op):
+    # >= 32768 secondary slots with more than one thread takes the full-table, parallel gather path
+    rng = random.Random(5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for t in (8192, 20000):
+            for _ in range(3):
+                case = random_case(rng, max_t=1)
+                ids, sim, _, rho, _ = case
+                k = rng.randint(6, 16)
+                e = sim.shape[0]
+                g = torch.Generator().manual_seed(rng.randrange(2**31))
+                ids = torch.randint(0, max(e, 1), (t, k), generator=g, dtype=ids.dtype)
+                valid = torch.rand(t, generator=g) > 0.2
+                case = (ids, sim, rng.randint(1, 3), rho, valid)
+                assert_same(op.reroute(*case), expected(*case), case)
+                inplace = ids.clone()
+                op.reroute_(inplace, *case[1:])
+                assert_same(inplace, expected(*case), case)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cpu_kernel_matches_naive_loop(op):
+    rng = random.Random(3)
+    for _ in range(300):
+        case = random_case(rng, max_t=48)
+        ids, sim, s, rho, valid = case
+        want = naive_paper(ids.tolist(), sim.float().tolist(), s, rho, None if valid is None else valid.tolist())
+        assert op.reroute(*case).tolist() == want
+
+
+def test_smallest_case_exact_outcome(op):
+    # experts 0..3; token A top-2 = (0, 2), token B = (1, 3). S=1 -> primaries {0, 1}.
+    sim = torch.tensor([[1.0, 0.1, 0.8, 0.2],
+                        [0.1, 1.0, 0.3, 0.25],
+                        [0.8, 0.3, 1.0, 0.0],
+                        [0.2, 0.25, 0.0, 1.0]])
+    ids = torch.tensor([[0, 2], [1, 3]], dtype=torch.int32)
+    assert native.reroute_fast(ids, sim, 1, 0.3).tolist() == [[0, 0], [1, 3]]  # 3 kept: 0.25 < 0.3
+    assert native.reroute_fast(ids, sim, 1, 0.0).tolist() == [[0, 0], [1, 1]]  # rho 0 moves all
+    assert native.reroute_fast(ids, sim, 1, 0.25).tolist() == [[0, 0], [1, 1]]  # >= rho moves
+    assert native.reroute_fast(ids, sim, 2, 0.0).tolist() == [[0, 2], [1, 3]]  # S = k: unchanged
+    assert native.reroute_fast(ids, sim, 1, 0.0, torch.tensor([True, False])).tolist() == [[0, 0], [1, 3]]
+
+
+def test_ties_pick_the_lowest_primary_id(op):
+    # primaries {1, 2, 3} all at 0.5 from expert 0
+    sim = torch.full((4, 4), 0.5)
+    ids = torch.tensor([[3, 0], [2, 0], [1, 0]])
+    for dtype in SIM_DTYPES:
+        assert op.reroute(ids, sim.to(dtype), 1, 0.5).tolist() == [[3, 1], [2, 1], [1, 1]]
+
+
+def test_rho_is_compared_in_float32_for_bf16_similarities(op):
+    # 0.298828125 is a bf16 value; rho 0.299 rounds to it in bf16 but not in float32: no move.
+    sim = torch.tensor([[1.0, 0.298828125], [0.298828125, 1.0]], dtype=torch.bfloat16)
+    ids = torch.tensor([[0, 1]])
+    assert op.reroute(ids, sim, 1, 0.299).tolist() == [[0, 1]]
+    assert native.reroute_fast(ids, sim, 1, 0.299).tolist() == [[0, 1]]
+    with native_disabled():
+        assert native.reroute_fast(ids, sim, 1, 0.299).tolist() == [[0, 1]]  # torch path widens too
+
+
+def test_nan_similarity_to_a_primary_keeps_the_expert(op):
+    sim = torch.tensor([[1.0, float("nan"), 0.9], [0.5, 1.0, 0.5], [0.5, 0.5, 1.0]])
+    ids = torch.tensor([[1, 0], [2, 1]])
+    want = reroute(ids, sim, 1, 0.1, with_stats=False)[0]
+    assert op.reroute(ids, sim, 1, 0.1).tolist() == want.tolist() == [[1, 0], [2, 1]]
+
+
+def test_edge_shapes(op):
+    sim = torch.rand(5, 5)
+    empty = torch.empty(0, 3, dtype=torch.int64)
+    assert op.reroute(empty, sim, 1, 0.0).shape == (0, 3)
+    ids = torch.tensor([[4, 3, 2], [0, 1, 2]])
+    none_valid = torch.zeros(2, dtype=torch.bool)
+    assert torch.equal(op.reroute(ids, sim, 1, 0.0, none_valid), ids)  # no primaries, nothing moves
+    assert torch.equal(op.reroute(ids, sim, 0, 0.0), ids)  # S = 0: no primaries
+    assert torch.equal(op.reroute(ids, sim, 7, 0.0), ids)  # S > k acts as S = k
+    one = torch.tensor([[0]])
+    assert op.reroute(one, torch.ones(1, 1), 1, 0.0).tolist() == [[0]]
+
+
+def test_out_of_range_ids_pass_through_unchanged(op):
+    # no device assert inside CUDA graphs: ids outside [0, E) are neither primaries nor re-routed
+    sim = torch.ones(4, 4)
+    ids = torch.tensor([[0, -1, 9, 2], [7, 3, 1, 2]])
+    assert op.reroute(ids, sim, 1, 0.0).tolist() == [[0, -1, 9, 0], [7, 0, 0, 0]]
+
+
+def test_non_contiguous_ids_are_accepted(op):
+    ids = torch.tensor([[0, 1, 2, 3], [1, 2, 3, 0]]).t().contiguous().t()
+    sim = torch.rand(4, 4)
+    assert not ids.is_contiguous()
+    assert torch.equal(op.reroute(ids, sim, 1, 0.0), expected(ids, sim, 1, 0.0, None))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(ids=torch.zeros(2, 2, 2, dtype=torch.long)), "must be \\[T, k\\]"),
+    (dict(ids=torch.zeros(2, 2)), "int32 or int64"),
+    (dict(ids=torch.zeros(2, 17, dtype=torch.long)), "k = 17"),
+    (dict(sim=torch.zeros(4, 5)), "must be \\[E, E\\]"),
+    (dict(sim=torch.zeros(513, 513)), "E = 513"),
+    (dict(sim=torch.zeros(4, 4, dtype=torch.float64)), "float32, bfloat16 or float16"),
+    (dict(valid=torch.ones(2, dtype=torch.int32)), "valid must be bool"),
+    (dict(valid=torch.ones(3, dtype=torch.bool)), "valid must be \\[T\\]"),
+    (dict(s=-1), "select_top_k must be >= 0"),
+])
+def test_bad_inputs_are_rejected_with_the_field_named(op, bad, message):
+    args = dict(ids=torch.zeros(2, 2, dtype=torch.long), sim=torch.zeros(4, 4), s=1, valid=None) | bad
+    with pytest.raises(RuntimeError, match=message):
+        op.reroute(args["ids"], args["sim"], args["s"], 0.5, args["valid"])
+
+
+def test_dispatch_reports_its_backend(op):
+    assert native.backend("cpu") == "cpp"
+    assert native.backend("meta") == "torch"
+    if not torch.cuda.is_available():
+        assert native.backend("cuda") == "torch" or native._state["cuda"]
+    # outside the native limits the dispatch falls back to the reference, with the same answer
+    rng = random.Random(9)
+    for e, k in ((600, 4), (64, 20)):
+        g = torch.Generator().manual_seed(rng.randrange(2**31))
+        sim = torch.rand(e, e, generator=g)
+        ids = torch.rand(32, e, generator=g).topk(k, dim=1).indices
+        assert torch.equal(native.reroute_fast(ids, sim, 2, 0.3), expected(ids, sim, 2, 0.3, None))
+    ids3 = torch.randint(0, 8, (2, 5, 4))
+    sim = torch.rand(8, 8)
+    assert torch.equal(native.reroute_fast(ids3, sim, 1, 0.2), reroute(ids3, sim, 1, 0.2, with_stats=False)[0])
+
+
+def test_reroute_fast_matches_reference_and_leaves_input_alone(op):
+    rng = random.Random(21)
+    for _ in range(100):
+        case = random_case(rng, max_t=256)
+        before = case[0].clone()
+        assert_same(native.reroute_fast(*case), expected(*case), case)
+        assert torch.equal(case[0], before)
+        ids = case[0].clone()
+        assert native.reroute_fast_(ids, *case[1:]) is ids
+        assert_same(ids, expected(*case), case)
+
+
+def test_dynamo_traces_the_native_op_as_one_node(op):
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    def route(ids, sim, valid):
+        return native.reroute_fast(ids, sim, 2, 0.3, valid) + 0
+
+    torch._dynamo.reset()
+    compiled = torch.compile(route, backend=record, fullgraph=True)
+    rng = random.Random(4)
+    for _ in range(3):
+        ids, sim, _, _, _ = random_case(rng, max_t=64)
+        if ids.shape[1] < 2 or ids.shape[0] == 0:
+            continue
+        valid = torch.ones(ids.shape[0], dtype=torch.bool)
+        assert torch.equal(compiled(ids, sim, valid), expected(ids, sim, 2, 0.3, valid))
+    assert graphs and all("sere_dist.reroute" in g for g in graphs)
+    # the fake implementation gives Inductor-style tracing the right metadata
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        out = torch.ops.sere_dist.reroute(torch.empty(5, 8, dtype=torch.int32), torch.empty(64, 64), 2, 0.3, None)
+    assert out.shape == (5, 8) and out.dtype == torch.int32
+    torch._dynamo.reset()
+
+
+class native_disabled:
+    """Temporarily route through the torch reference in this process."""
+
+    def __enter__(self):
+        self.saved = dict(native._state)
+        native._state.update(tried=True, loaded=False, cuda=False, announced=set())
+
+    def __exit__(self, *exc):
+        native._state.clear()
+        native._state.update(self.saved)
+
+
+def _run_child(code: str, **env) -> subprocess.CompletedProcess:
+    child_env = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env, capture_output=True, text=True,
+                          timeout=300)
+
+
+CHILD = """
+import logging, torch
+logging.basicConfig(level=logging.INFO)
+from sere_dist import native
+from sere_dist.reroute import reroute
+ids = torch.tensor([[0, 2], [1, 3]]); sim = torch.tensor([[1.0, 0.1, 0.8, 0.2], [0.1, 1.0, 0.3, 0.25],
+                                                         [0.8, 0.3, 1.0, 0.0], [0.2, 0.25, 0.0, 1.0]])
+print("backend", native.backend("cpu"))
+print("ids", native.reroute_fast(ids, sim, 1, 0.3).tolist())
+"""
+
+
+def test_sere_native_0_forces_the_torch_path():
+    proc = _run_child(CHILD, SERE_NATIVE="0")
+    assert proc.returncode == 0, proc.stderr
+    assert "backend torch" in proc.stdout and "ids [[0, 0], [1, 3]]" in proc.stdout
+    assert "disabled by SERE_NATIVE=0" in proc.stderr
+    assert "runs the torch path" in proc.stderr
+
+
+def test_impossible_build_falls_back_with_a_warning(tmp_path):
+    empty = tmp_path / "no_sources"
+    empty.mkdir()
+    proc = _run_child(CHILD, SERE_NATIVE="1", SERE_EXT_SRC=str(empty), SERE_EXT_CACHE=str(tmp_path / "cache"))
+    assert proc.returncode == 0, proc.stderr
+    assert "backend torch" in proc.stdout and "ids [[0, 0], [1, 3]]" in proc.stdout
+    assert "WARNING:sere_dist" in proc.stderr and "extension unavailable" in proc.stderr
+
+
+# --- CUDA: skipped without a GPU ----------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def cuda_op(op):
+    if not native._state["cuda"]:
+        pytest.fail(f"extension built without CUDA on a CUDA machine: {native.extension_error()}")
+    assert native.backend("cuda") == "cuda"
+    return op
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("seed", range(6))
+def test_cuda_kernel_matches_reference_on_random_cases(cuda_op, seed):
+    rng = random.Random(50_000 + seed)
+    for _ in range(400):
+        case = random_case(rng, max_t=1024 if rng.random() < 0.9 else 16384, device="cuda")
+        assert_same(cuda_op.reroute(*case), expected(*case), case)
+        ids = case[0].clone()
+        cuda_op.reroute_(ids, *case[1:])
+        assert_same(ids, expected(*case), case)
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_kernel_never_synchronises_and_uses_the_current_stream(cuda_op):
+    rng = random.Random(77)
+    case = random_case(rng, max_t=2048, device="cuda")
+    want = expected(*case)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.stream(side):
+            got = native.reroute_fast(*case)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    side.synchronize()
+    assert_same(got, want, case)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("t", [1, 64, 256, 1000, 4096])
+def test_cuda_kernel_replays_inside_a_cuda_graph(cuda_op, t):
+    rng = random.Random(t)
+    e, k, s, rho = 128, 8, 2, 0.3
+    sim = torch.rand(e, e, device="cuda").to(torch.bfloat16)
+    static_ids = torch.zeros(t, k, dtype=torch.int32, device="cuda")
+    static_valid = torch.ones(t, dtype=torch.bool, device="cuda")
+    static_ids.copy_(torch.rand(t, e, device="cuda").topk(k, dim=1).indices)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up outside capture
+        native.reroute_fast(static_ids, sim, s, rho, static_valid)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = native.reroute_fast(static_ids, sim, s, rho, static_valid)
+        inplace = static_ids.clone()
+        native.reroute_fast_(inplace, sim, s, rho, static_valid)
+    for _ in range(5):
+        g = torch.Generator().manual_seed(rng.randrange(2**31))
+        static_ids.copy_(torch.rand(t, e, generator=g).topk(k, dim=1).indices)
+        static_valid.copy_(torch.rand(t, generator=g) > 0.25)
+        graph.replay()
+        want = expected(static_ids, sim, s, rho, static_valid)
+        assert torch.equal(static_out.cpu(), want)
+        assert torch.equal(inplace.cpu(), want)
