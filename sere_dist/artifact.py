@@ -94,8 +94,12 @@ class SimilarityArtifact:
                 "stats": {str(i): offdiag_stats(m) for i, m in sorted(self.matrices.items())},
                 **({"extra": self.extra} if self.extra else {})}
 
-    def save(self, out: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Write atomically: a temporary sibling directory renamed into place; never half-written."""
+    def save(self, out: str | os.PathLike, overwrite: bool = False,
+             extra_files: Mapping[str, bytes] | None = None) -> Path:
+        """Write atomically: a temporary sibling directory renamed into place; never half-written.
+
+        extra_files: relative name -> bytes (reports, plots) written inside the same atomic directory.
+        """
         out = Path(out)
         if out.exists() and not overwrite:
             raise ArtifactError(f"output {out} exists; pass --overwrite to replace it")
@@ -107,6 +111,12 @@ class SimilarityArtifact:
             tensors = {f"layers.{i}": m.detach().float().contiguous().cpu() for i, m in self.matrices.items()}
             save_file(tensors, str(tmp / SIM_FILE), metadata={"sere": json.dumps(meta)})
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            for name, data in (extra_files or {}).items():
+                dst = (tmp / name).resolve()
+                if tmp.resolve() not in dst.parents or name in (SIM_FILE, META_FILE):
+                    raise ArtifactError(f"extra file name {name!r} must be a new relative path inside the artifact")
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.write_bytes(data)
             if out.exists():
                 old = out.with_name(f".{out.name}.old-{os.getpid()}")
                 os.replace(out, old)

@@ -88,6 +88,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     from .capture import calibrate, load_model, tokenize_texts
     from .corpus import split_corpus, stdlib_documents
 
+    if args.ray:
+        return _calibrate_ray(args)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise ArtifactError(f"output {out} exists; pass --overwrite to replace it")
@@ -98,6 +100,30 @@ def _calibrate(args: argparse.Namespace) -> int:
                     progress=lambda it: tqdm(it, desc="calibrate", unit="batch"))
     art.save(out, overwrite=args.overwrite)
     print(f"wrote {out} ({len(art.matrices)} layers, {art.tokens} tokens, {args.metric})")
+    return 0
+
+
+def _calibrate_ray(args: argparse.Namespace) -> int:
+    """`sere calibrate --ray`: the Ray Data pipeline on a private local Ray instance (or --address)."""
+    import ray
+
+    from .calibration import CalibrationJob, prepare, run, stats_table, summary_line
+
+    prep = prepare(CalibrationJob(model=str(Path(args.model).resolve()), out=str(Path(args.out).resolve()),
+                                  data=args.data, metric=args.metric, num_samples=args.num_samples,
+                                  seq_len=args.seq_len, batch_size=args.batch_size, num_workers=args.num_workers,
+                                  overwrite=args.overwrite))
+    if args.address:
+        ray.init(address=args.address)
+    else:
+        ray.init(address="local", num_cpus=max(2, args.num_workers + 1), object_store_memory=300 * 1024**2,
+                 include_dashboard=False)
+    try:
+        res = run(prep)
+    finally:
+        ray.shutdown()
+    print(stats_table(res.artifact.matrices), end="")
+    print(summary_line(res))
     return 0
 
 
@@ -114,6 +140,27 @@ def _read_texts(path: str) -> list[str]:
     if "text" not in ds.column_names:
         raise ValueError(f"{path} has no 'text' column (columns: {ds.column_names})")
     return list(ds["text"])
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .serving import DEFAULT_ARGS, load_yaml_args, serve_forever
+
+    if args.config:
+        app_args, http = load_yaml_args(args.config)
+        port = args.port or int(http.get("port", 8000))
+    else:
+        app_args, port = dict(DEFAULT_ARGS), args.port or 8000
+    serve_forever(app_args, port)
+    return 0
+
+
+def _serve_demo(args: argparse.Namespace) -> int:
+    from .serving import load_yaml_args, run_demo
+
+    config = load_yaml_args(args.config)[0] if args.config else None
+    run_demo(port=args.port, requests=args.requests, max_tokens=args.max_tokens, rounds=args.rounds,
+             json_out=args.json, config=config)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,7 +208,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seq-len", type=int, default=128)
     c.add_argument("--batch-size", type=int, default=8)
     c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--ray", action="store_true", help="run the Ray Data pipeline (sere_dist.calibration) instead")
+    c.add_argument("--num-workers", type=int, default=2, help="with --ray: actors per pipeline stage")
+    c.add_argument("--address", help="with --ray: Ray cluster to join (default: a private local instance)")
     c.set_defaults(fn=_calibrate)
+
+    sv = sub.add_parser("serve", help="serve the OpenAI-compatible endpoint (Ray Serve LLM + vLLM + SERE) until Ctrl-C")
+    sv.add_argument("--config", help="Serve YAML (deploy/cpu.yaml); default: the embedded tiny model with SERE")
+    sv.add_argument("--port", type=int, help="HTTP port (default: the config's, else 8000)")
+    sv.set_defaults(fn=_serve)
+
+    sd = sub.add_parser("serve-demo", help="start the endpoint, wait for a real completion, compare SERE on/off")
+    sd.add_argument("--config", help="Serve YAML whose args to use (default: the embedded tiny model)")
+    sd.add_argument("--port", type=int, default=8000)
+    sd.add_argument("--requests", type=int, default=8, help="concurrent requests per model and round")
+    sd.add_argument("--max-tokens", type=int, default=32)
+    sd.add_argument("--rounds", type=int, default=2)
+    sd.add_argument("--json", help="also write the measurements here")
+    sd.set_defaults(fn=_serve_demo)
     return p
 
 

