@@ -13,4 +13,4 @@ demo-offline: setup
 	.venv/bin/sere demo
 
 test: setup
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q --durations=15

