@@ -266,8 +266,10 @@ def _pipeline(prep: Prepared, cka_sample: dict[int, np.ndarray] | None):
     ds = ray.data.from_items(items, override_num_blocks=max(1, -(-n // job.batch_size)))
     # SPREAD: one stage's actors on as many nodes as possible (a plain remote arg; Ray 2.60 warns that
     # such args are deprecated from 2.64 but ray_remote_args_fn does not place actors)
+    # One block in flight per actor: a fast actor may otherwise queue every block of a stage and the
+    # other nodes' actors idle (each block is a whole forward pass, so queueing gains nothing).
     common = dict(num_cpus=job.cpus_per_worker, scheduling_strategy="SPREAD",
-                  compute=ActorPoolStrategy(size=job.num_workers))
+                  compute=ActorPoolStrategy(size=job.num_workers, max_tasks_in_flight_per_actor=1))
     ds = ds.map_batches(_CaptureStage, fn_constructor_kwargs={"model": job.model, "dtype": job.dtype},
                         batch_size=job.batch_size, batch_format="numpy", **common)
     ds = ds.map_batches(_ExpertGramStage, batch_size=1, batch_format="numpy",
