@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from .config import SereConfig, SereConfigError
+from .config import SereConfig, SereConfigError, _check_rho, _check_s
 
 log = logging.getLogger("sere_dist")
 
@@ -400,14 +400,7 @@ def _worker_control(self, enabled: bool | None = None, select_top_k: int | None 
     if (enabled, select_top_k, threshold) != (None, None, None) and not _state.get("eager", True):
         raise RuntimeError("sere_control can change settings only in eager engines (enforce_eager=True): "
                            "compiled graphs bake S and rho in")
-    if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
-        raise SereConfigError(f"threshold={threshold} must be in [0, 1]")
-    for r in _state["runners"]:      # check every layer before changing any
-        k = int(r.moe_config.experts_per_token)
-        if select_top_k is not None and not 1 <= int(select_top_k) <= k:
-            raise SereConfigError(f"select_top_k={select_top_k} must be in 1..{k} (the model's top-k, "
-                                  f"{r.layer_name})")
-    for r in _state["runners"]:
+    for r in _state["runners"]:      # arguments were checked by sere_control
         if enabled is not None:
             r._sere_on = bool(enabled)
         if select_top_k is not None:
@@ -425,12 +418,11 @@ def sere_control(llm, enabled: bool | None = None, select_top_k: int | None = No
                  threshold: float | None = None, reset: bool = False) -> None:
     """Change SERE settings of a running eager offline engine (benchmarks and tests: pairwise runs
     in one engine). S outside 1..k or rho outside [0, 1] raises SereConfigError and changes nothing."""
-    if select_top_k is not None and select_top_k < 1:
-        raise SereConfigError(f"select_top_k={select_top_k} must be >= 1")
-    if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
-        raise SereConfigError(f"threshold={threshold} must be in [0, 1]")
+    if threshold is not None:
+        _check_rho("threshold", threshold)
     if select_top_k is not None:
         from .artifact import model_fingerprint
+        _check_s("select_top_k", select_top_k)
         hf = llm.llm_engine.model_config.hf_config
         k = model_fingerprint(getattr(hf, "get_text_config", lambda: hf)())["top_k"]
         if select_top_k > k:
