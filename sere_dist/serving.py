@@ -206,6 +206,8 @@ def llm_config_dicts(args: Mapping[str, Any]) -> list[dict[str, Any]]:
             "runtime_env": {"env_vars": env},
             "deployment_config": copy.deepcopy(deployment),
             "log_engine_metrics": False,
+            # a local checkpoint needs no per-node download tasks (see serve_callbacks)
+            "callback_config": {"callback_class": "sere_dist.serve_callbacks:LocalCheckpoint"},
         })
     return out
 

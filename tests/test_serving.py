@@ -71,6 +71,24 @@ def test_sere_settings_from_yaml_reach_vllm_additional_config():
 
 
 
+def test_local_checkpoint_skips_ray_download_tasks_and_a_hub_id_does_not():
+    # Ray Serve LLM's per-node "download" task only returns a local path, at the cost of a fresh worker
+    from ray.serve.llm import LLMConfig
+
+    from sere_dist.serve_callbacks import LocalCheckpoint
+
+    (cfg,) = llm_config_dicts(resolve({}))
+    hub = dict(cfg, model_loading_config={"model_id": "m", "model_source": "Qwen/Qwen1.5-MoE-A2.7B"})
+    skipped = []
+    for c in (cfg, hub):
+        llm = LLMConfig.model_validate(c)
+        cb = LocalCheckpoint(llm_config=llm)
+        assert llm.callback_config.callback_class == "sere_dist.serve_callbacks:LocalCheckpoint"
+        asyncio.run(cb.on_before_node_init())
+        skipped.append(not cb.ctx.run_init_node)
+    assert skipped == [True, False]
+
+
 @pytest.mark.parametrize("source", ["gpu-ep.yaml", "multinode.yaml", "kuberay-rayservice.yaml"])
 def test_gpu_configs_are_valid_ray_serve_llm_and_vllm_arguments(source):
     # the GPU model/artifact paths do not exist here: swap in the embedded model, keep everything else
