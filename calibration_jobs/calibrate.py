@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sere_dist.artifact import ArtifactError  # noqa: E402
-from sere_dist.calibration import CalibrationJob, prepare, run, stats_table, summary_line  # noqa: E402
+from sere_dist.calibration import ActorStartError, CalibrationJob, prepare, run, stats_table, summary_line  # noqa: E402
 from sere_dist.config import METRICS  # noqa: E402
 
 
@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (per-worker memory)")
     p.add_argument("--num-workers", type=int, default=2, help="actors per pipeline stage")
     p.add_argument("--cpus-per-worker", type=float, default=0.5)
+    p.add_argument("--actor-start-timeout-s", type=float, default=600.0,
+                   help="fail with a clear error if a stage's actors are not all up by then (cluster too small)")
     p.add_argument("--cka-tokens", type=int, default=512, help="token sample size for the CKA metrics")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--address", help="Ray address to join (default: RAY_ADDRESS, else a private local instance)")
@@ -53,7 +55,8 @@ def job_from_args(a: argparse.Namespace) -> CalibrationJob:
                           text_column=a.text_column, split=a.split, metric=a.metric, num_samples=a.num_samples,
                           seq_len=a.seq_len, keep_longer_only=not a.keep_short, shuffle=a.shuffle, seed=a.seed,
                           batch_size=a.batch_size, num_workers=a.num_workers, cpus_per_worker=a.cpus_per_worker,
-                          cka_tokens=a.cka_tokens, overwrite=a.overwrite, dtype=a.dtype)
+                          actor_start_timeout_s=a.actor_start_timeout_s, cka_tokens=a.cka_tokens,
+                          overwrite=a.overwrite, dtype=a.dtype)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
                  object_store_memory=300 * 1024**2, include_dashboard=False)
     try:
         res = run(prep)
+    except ActorStartError as exc:
+        print(f"calibrate: error: {exc}", file=sys.stderr)
+        return 1
     finally:
         ray.shutdown()
     print(stats_table(res.artifact.matrices), end="")

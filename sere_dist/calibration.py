@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import resource
 import time
@@ -74,6 +75,7 @@ class CalibrationJob:
     token_chunk: int = 1024              # tokens per expert evaluation inside a shard
     num_workers: int = 2                 # actors per stage
     cpus_per_worker: float = 0.5
+    actor_start_timeout_s: float = 600.0  # every actor of a stage must be up before work starts
     cka_tokens: int = 512
     overwrite: bool = False
     dtype: str = "float32"
@@ -155,6 +157,8 @@ def prepare(job: CalibrationJob) -> Prepared:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(job, name)}")
     if job.cpus_per_worker <= 0:
         raise ValueError(f"--cpus-per-worker must be > 0, got {job.cpus_per_worker}")
+    if not job.actor_start_timeout_s > 0:
+        raise ValueError(f"--actor-start-timeout-s must be > 0, got {job.actor_start_timeout_s}")
     if job.dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype {job.dtype!r}: use float32, bfloat16 or float16")
     mpath = Path(job.model)
@@ -279,6 +283,33 @@ def _pipeline(prep: Prepared, cka_sample: dict[int, np.ndarray] | None):
     return ds
 
 
+class ActorStartError(RuntimeError):
+    """A stage's actors did not all start in time (usually: the cluster lacks the CPUs they ask for)."""
+
+
+def _batches(prep: Prepared, cka: dict[int, np.ndarray] | None):
+    """The pipeline's output batches. Each stage starts only once all its actors are up: otherwise the
+    first actor to load the model can take every block while the others are still importing torch, and
+    a cluster too small for the pool would wait forever instead of failing."""
+    import ray
+    from ray.data import DataContext
+
+    job = prep.job
+    ctx = DataContext.get_current()
+    old = ctx.wait_for_min_actors_s
+    ctx.wait_for_min_actors_s = max(1, math.ceil(job.actor_start_timeout_s))
+    try:
+        yield from _pipeline(prep, cka).iter_batches(batch_format="numpy", batch_size=None)
+    except ray.exceptions.GetTimeoutError as exc:
+        raise ActorStartError(
+            f"calibration: the {job.num_workers} actor(s) of a stage ({job.cpus_per_worker} CPU each, two stages) "
+            f"did not all start within {job.actor_start_timeout_s:g} s; the cluster has "
+            f"{ray.cluster_resources().get('CPU', 0):g} CPU(s) in all. Lower --num-workers or --cpus-per-worker, "
+            f"or raise --actor-start-timeout-s") from exc
+    finally:
+        ctx.wait_for_min_actors_s = old
+
+
 def run(prep: Prepared) -> Result:
     """Run the Ray Data pipeline on the connected cluster and write the artifact atomically.
 
@@ -296,7 +327,7 @@ def run(prep: Prepared) -> Result:
     nodes: set[str] = set()
     peak = 0.0
     h = fp["hidden_size"]
-    for batch in _pipeline(prep, cka).iter_batches(batch_format="numpy", batch_size=None):
+    for batch in _batches(prep, cka):
         for k in range(len(batch["layer"])):
             i = int(batch["layer"][k])
             seen[i] += int(batch["tokens"][k])

@@ -112,7 +112,7 @@ def _calibrate_ray(args: argparse.Namespace) -> int:
     prep = prepare(CalibrationJob(model=str(Path(args.model).resolve()), out=str(Path(args.out).resolve()),
                                   data=args.data, metric=args.metric, num_samples=args.num_samples,
                                   seq_len=args.seq_len, batch_size=args.batch_size, num_workers=args.num_workers,
-                                  overwrite=args.overwrite))
+                                  actor_start_timeout_s=args.actor_start_timeout_s, overwrite=args.overwrite))
     if args.address:
         ray.init(address=args.address)
     else:
@@ -210,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--ray", action="store_true", help="run the Ray Data pipeline (sere_dist.calibration) instead")
     c.add_argument("--num-workers", type=int, default=2, help="with --ray: actors per pipeline stage")
+    c.add_argument("--actor-start-timeout-s", type=float, default=600.0,
+                   help="with --ray: fail if a stage's actors are not all up by then")
     c.add_argument("--address", help="with --ray: Ray cluster to join (default: a private local instance)")
     c.set_defaults(fn=_calibrate)
 
@@ -239,6 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ArtifactError, SereConfigError, ValueError) as exc:
         print(f"sere {args.cmd}: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        from .calibration import ActorStartError
+        if not isinstance(exc, ActorStartError):
+            raise
+        print(f"sere {args.cmd}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from sere_dist.artifact import ArtifactError, SimilarityArtifact
-from sere_dist.calibration import (HEATMAP_PNG, STATS_CSV, STATS_MD, CalibrationJob, cka_positions, prepare, run,
-                                   stats_rows)
+from sere_dist.calibration import (HEATMAP_PNG, STATS_CSV, STATS_MD, ActorStartError, CalibrationJob, cka_positions,
+                                   prepare, run, stats_rows)
 from sere_dist.capture import calibrate, load_model
 from sere_dist.corpus import split_corpus, stdlib_documents, write_jsonl
 from sere_dist.tiny import TinySpec, planted_clusters, write_checkpoint
@@ -74,6 +74,13 @@ def cluster_runs(models, tmp_path_factory):
         except Exception as exc:  # noqa: BLE001 - the test inspects what was raised
             runs["broken"] = exc
         runs["broken_dir"] = out
+        # actors that fit no node (2 CPUs each, nodes of 1): a clear error after the start timeout, no output
+        try:
+            run(prepare(CalibrationJob(model=models["planted"], out=str(out / "too-big"), num_samples=4, seq_len=32,
+                                       batch_size=2, num_workers=1, cpus_per_worker=2, actor_start_timeout_s=3)))
+            runs["too_big"] = None
+        except Exception as exc:  # noqa: BLE001
+            runs["too_big"] = exc
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -138,6 +145,13 @@ def test_a_job_that_fails_half_way_leaves_no_artifact_behind(cluster_runs):
     assert left == ["broken-model"]
 
 
+def test_actors_that_fit_no_node_fail_after_the_start_timeout_naming_the_options(cluster_runs):
+    exc = cluster_runs["too_big"]
+    assert isinstance(exc, ActorStartError), repr(exc)
+    assert "did not all start within 3 s" in str(exc) and "--cpus-per-worker" in str(exc)
+    assert not (cluster_runs["broken_dir"] / "too-big").exists()
+
+
 def test_cka_sample_positions_are_seeded_per_layer_and_bounded():
     a, b = cka_positions(10_000, 64, seed=3, layer=1), cka_positions(10_000, 64, seed=3, layer=2)
     assert len(a) == 64 and len(set(a.tolist())) == 64 and (a[1:] > a[:-1]).all()
@@ -172,6 +186,11 @@ def test_a_dense_checkpoint_is_refused_as_not_moe(models, tmp_path):
                                                    "num_hidden_layers": 2, "hidden_size": 64}))
     with pytest.raises(ArtifactError, match="not a Mixture-of-Experts model"):
         prepare(_job(models, tmp_path, model=str(dense)))
+
+
+def test_non_positive_actor_start_timeout_is_refused(models, tmp_path):
+    with pytest.raises(ValueError, match=r"--actor-start-timeout-s must be > 0, got 0"):
+        prepare(_job(models, tmp_path, actor_start_timeout_s=0))
 
 
 def test_unknown_metric_is_refused_naming_the_choices(models, tmp_path):
