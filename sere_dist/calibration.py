@@ -280,6 +280,10 @@ def _pipeline(prep: Prepared, cka_sample: dict[int, np.ndarray] | None):
                         fn_constructor_kwargs={"model": job.model, "dtype": job.dtype, "metric": job.metric,
                                                "token_chunk": job.token_chunk, "cka_sample": cka_sample},
                         **common)
+    # Each stage starts only once all its actors are up: otherwise the first actor to load the model can
+    # take every block while the others are still importing torch, and a cluster too small for the pool
+    # would wait forever instead of failing (GetTimeoutError, turned into ActorStartError by `_batches`).
+    ds.context.wait_for_min_actors_s = max(1, math.ceil(job.actor_start_timeout_s))
     return ds
 
 
@@ -288,16 +292,10 @@ class ActorStartError(RuntimeError):
 
 
 def _batches(prep: Prepared, cka: dict[int, np.ndarray] | None):
-    """The pipeline's output batches. Each stage starts only once all its actors are up: otherwise the
-    first actor to load the model can take every block while the others are still importing torch, and
-    a cluster too small for the pool would wait forever instead of failing."""
+    """The pipeline's output batches; a stage whose actors cannot all start raises ActorStartError."""
     import ray
-    from ray.data import DataContext
 
     job = prep.job
-    ctx = DataContext.get_current()
-    old = ctx.wait_for_min_actors_s
-    ctx.wait_for_min_actors_s = max(1, math.ceil(job.actor_start_timeout_s))
     try:
         yield from _pipeline(prep, cka).iter_batches(batch_format="numpy", batch_size=None)
     except ray.exceptions.GetTimeoutError as exc:
@@ -306,8 +304,6 @@ def _batches(prep: Prepared, cka: dict[int, np.ndarray] | None):
             f"did not all start within {job.actor_start_timeout_s:g} s; the cluster has "
             f"{ray.cluster_resources().get('CPU', 0):g} CPU(s) in all. Lower --num-workers or --cpus-per-worker, "
             f"or raise --actor-start-timeout-s") from exc
-    finally:
-        ctx.wait_for_min_actors_s = old
 
 
 def run(prep: Prepared) -> Result:

@@ -235,16 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     from .artifact import ArtifactError
+    from .calibration import ActorStartError
     from .config import SereConfigError
     try:
         return args.fn(args)
     except (ArtifactError, SereConfigError, ValueError) as exc:
         print(f"sere {args.cmd}: error: {exc}", file=sys.stderr)
         return 2
-    except RuntimeError as exc:
-        from .calibration import ActorStartError
-        if not isinstance(exc, ActorStartError):
-            raise
+    except ActorStartError as exc:
         print(f"sere {args.cmd}: error: {exc}", file=sys.stderr)
         return 1
 
