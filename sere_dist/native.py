@@ -41,6 +41,7 @@ MAX_EXPERTS = 512  # cuda_ext/sere_reroute.h: kMaxExperts, kMaxTopK
 MAX_TOP_K = 16
 _EXT_NAME = "sere_dist_reroute"
 _SOURCES = ("sere_reroute.cpp", "sere_reroute_cuda.cu", "sere_reroute.h")
+_HEADERS = ("sere_reroute.h", "sere_reroute_kernels.cuh")  # included, so part of the cache key
 _CUDA_ARCH_FLAGS = ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
                     "-gencode=arch=compute_90,code=compute_90")  # PTX: newer GPUs JIT it
 _LOCK_TIMEOUT_S = 900.0
@@ -193,7 +194,7 @@ def _build_config() -> tuple[list[Path], list[str], list[str], bool]:
     if torch.version.cuda is not None and not with_cuda:
         log.warning("sere_dist: torch has CUDA but no CUDA toolkit (nvcc) was found: building the CPU kernel only")
     sources = [src / "sere_reroute.cpp"] + ([src / "sere_reroute_cuda.cu"] if with_cuda else [])
-    for path in sources + [src / "sere_reroute.h"]:
+    for path in sources + [src / name for name in _HEADERS]:
         if not path.is_file():
             raise FileNotFoundError(path)
     define = ["-DSERE_WITH_CUDA"] if with_cuda else []
@@ -207,7 +208,7 @@ def _build_and_load() -> str:
 
     sources, cflags, cuda_cflags, with_cuda = _build_config()
     h = hashlib.sha256()
-    for path in sources + [sources[0].parent / "sere_reroute.h"]:
+    for path in sources + [sources[0].parent / name for name in _HEADERS]:
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     h.update(repr((cflags, cuda_cflags, with_cuda, torch.__version__, torch.version.cuda, sys.version_info[:2],
                    platform.machine(), platform.system())).encode())

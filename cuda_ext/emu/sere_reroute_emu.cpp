@@ -1,0 +1,225 @@
+// The CUDA re-routing kernels (../sere_reroute_kernels.cuh), compiled with g++ against the CPU
+// emulation in cuda_emu.h, behind C entry points that mirror sere_reroute_cuda.cu. Tests load this as a
+// shared library (tests/cuda_emu.py) and compare it with the torch reference on machines without a GPU.
+//
+// Every buffer the kernels get is a copy placed against an inaccessible guard page, after its end
+// (guard = 1) or before its start (guard = 2), so an out-of-bounds access to any of them stops the
+// launch with the buffer's name and offset instead of reading a neighbour's memory. guard = 0 passes
+// the caller's pointers straight through.
+//
+// Entry points return the cudaError_t value (0 on success) and, on failure, a message in `msg`.
+// Single-threaded: one launch at a time per process.
+#include "cuda_emu.h"
+
+#include <csetjmp>
+#include <csignal>
+#include <cstdio>
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "../sere_reroute_kernels.cuh"
+
+namespace {
+
+struct Guarded {
+  const char* name = nullptr;
+  char* map = nullptr;
+  size_t map_bytes = 0;
+  char* data = nullptr;
+  size_t bytes = 0;
+  char* guard = nullptr;  // the PROT_NONE page
+};
+
+constexpr int kMaxBuffers = 5;
+Guarded g_buffers[kMaxBuffers];
+int g_num_buffers = 0;
+sigjmp_buf g_jump;
+volatile sig_atomic_t g_armed = 0;
+char g_fault[256];
+struct sigaction g_previous;
+
+size_t page_size() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
+
+// Copies `bytes` from `src` (null: a workspace filled with garbage) into a fresh mapping next to a guard page.
+void* guarded_copy(const char* name, const void* src, size_t bytes, int mode) {
+  const size_t page = page_size();
+  const size_t rounded = (bytes + page - 1) / page * page;
+  Guarded g;
+  g.name = name;
+  g.bytes = bytes;
+  g.map_bytes = rounded + page;
+  void* m = mmap(nullptr, g.map_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (m == MAP_FAILED) return nullptr;
+  g.map = static_cast<char*>(m);
+  if (mode == 2) {
+    g.guard = g.map;
+    g.data = g.map + page;
+  } else {
+    g.guard = g.map + rounded;
+    g.data = g.guard - bytes;
+  }
+  mprotect(g.guard, page, PROT_NONE);
+  if (bytes > 0 && src != nullptr) {
+    std::memcpy(g.data, src, bytes);
+  } else if (bytes > 0) {  // a workspace: garbage, as fresh device memory, so a missing memset shows
+    std::memset(g.data, 0xa5, bytes);
+  }
+  g_buffers[g_num_buffers++] = g;
+  return g.data;
+}
+
+void release_all() {
+  for (int i = 0; i < g_num_buffers; ++i) munmap(g_buffers[i].map, g_buffers[i].map_bytes);
+  g_num_buffers = 0;
+}
+
+void on_segv(int sig, siginfo_t* info, void* ucontext) {
+  const char* addr = static_cast<const char*>(info->si_addr);
+  if (g_armed) {
+    const size_t page = page_size();
+    for (int i = 0; i < g_num_buffers; ++i) {
+      const Guarded& g = g_buffers[i];
+      if (addr >= g.guard && addr < g.guard + page) {
+        const long offset = static_cast<long>(addr - g.data);
+        std::snprintf(g_fault, sizeof g_fault, "out-of-bounds access to `%s` at byte offset %ld (buffer is %zu bytes)",
+                      g.name, offset, g.bytes);
+        g_armed = 0;
+        siglongjmp(g_jump, 1);
+      }
+    }
+  }
+  // not ours: put the previous handler back and let the fault happen again under it
+  sigaction(SIGSEGV, &g_previous, nullptr);
+  (void)sig;
+  (void)ucontext;
+}
+
+void write_message(char* msg, int msg_len, const std::string& text) {
+  if (msg != nullptr && msg_len > 0) std::snprintf(msg, static_cast<size_t>(msg_len), "%s", text.c_str());
+}
+
+// False when a guard page was hit (on_segv jumped back here); nothing is used after the jump.
+template <typename Call>
+__attribute__((noinline)) bool call_catching_faults(Call& call, const void* ids, void* out, const void* sim,
+                                                    const bool* valid, unsigned char* flags) {
+  if (sigsetjmp(g_jump, 1) != 0) return false;
+  g_armed = 1;
+  call(ids, out, sim, valid, flags);
+  g_armed = 0;
+  return true;
+}
+
+size_t id_bytes(int id_type) { return id_type == sere::kInt64 ? 8 : 4; }
+size_t sim_bytes(int sim_type) { return sim_type == sere::kFloat32 ? 4 : 2; }
+
+// Runs `call(ids, out, sim, valid, flags)` on guarded copies (or the originals), then copies the written
+// buffer back into `result` (ids for in place). Returns the cudaError_t value.
+template <typename Call>
+int run_guarded(int id_type, int sim_type, const void* ids, void* result, bool inplace, const void* sim,
+                const bool* valid, int64_t num_tokens, int top_k, int num_experts, bool with_flags, int guard,
+                char* msg, int msg_len, Call&& call) {
+  emu::reset();
+  const bool shapes_ok = num_tokens >= 0 && top_k >= 0 && top_k <= 1024 && num_experts >= 0 && num_experts <= 4096 &&
+                         num_tokens <= (int64_t{1} << 31);
+  const size_t n_ids = shapes_ok ? static_cast<size_t>(num_tokens) * static_cast<size_t>(top_k) : 0;
+  const size_t n_sim = shapes_ok ? static_cast<size_t>(num_experts) * static_cast<size_t>(num_experts) : 0;
+  if (guard == 0 || !shapes_ok) {  // straight through (bad shapes must be refused before any access)
+    void* out = inplace ? const_cast<void*>(ids) : result;
+    std::vector<unsigned char> flags(static_cast<size_t>(num_experts > 0 ? num_experts : 1));
+    call(ids, out, sim, valid, with_flags ? flags.data() : nullptr);
+    const int err = static_cast<int>(cudaGetLastError());
+    if (err != 0) write_message(msg, msg_len, emu::last_error());
+    if (inplace && err == 0 && result != ids && n_ids > 0) std::memcpy(result, ids, n_ids * id_bytes(id_type));
+    return err;
+  }
+  void* g_ids = guarded_copy("ids", ids, n_ids * id_bytes(id_type), guard);
+  void* g_out = inplace ? g_ids : guarded_copy("out", result, n_ids * id_bytes(id_type), guard);
+  void* g_sim = guarded_copy("sim", sim, n_sim * sim_bytes(sim_type), guard);
+  void* g_valid = valid == nullptr ? nullptr : guarded_copy("valid", valid, static_cast<size_t>(num_tokens), guard);
+  void* g_flags = with_flags ? guarded_copy("flags", nullptr, static_cast<size_t>(num_experts), guard) : nullptr;
+  if (g_ids == nullptr || g_out == nullptr || g_sim == nullptr || (valid != nullptr && g_valid == nullptr) ||
+      (with_flags && g_flags == nullptr)) {
+    release_all();
+    write_message(msg, msg_len, "mmap failed");
+    return static_cast<int>(cudaErrorLaunchFailure);
+  }
+  struct sigaction action {};
+  action.sa_sigaction = &on_segv;
+  action.sa_flags = SA_SIGINFO;
+  sigemptyset(&action.sa_mask);
+  sigaction(SIGSEGV, &action, &g_previous);
+  int err;
+  if (call_catching_faults(call, g_ids, g_out, g_sim, static_cast<const bool*>(g_valid),
+                           static_cast<unsigned char*>(g_flags))) {
+    err = static_cast<int>(cudaGetLastError());
+    if (err != 0) write_message(msg, msg_len, emu::last_error());
+  } else {  // came back from on_segv: the emulated launch is abandoned
+    err = static_cast<int>(cudaErrorLaunchFailure);
+    write_message(msg, msg_len, std::string("block ") + std::to_string(emu::state().block_idx.x) + ": " + g_fault);
+    emu::state().current = nullptr;
+  }
+  sigaction(SIGSEGV, &g_previous, nullptr);
+  if (err == 0 && n_ids > 0) std::memcpy(result, g_out, n_ids * id_bytes(id_type));
+  release_all();
+  return err;
+}
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) int sere_reroute_emu_launch(int id_type, int sim_type, const void* ids, void* out, const void* sim,
+                                        const bool* valid, int64_t num_tokens, int top_k, int select_top_k,
+                                        int num_experts, float threshold, int guard, char* msg, int msg_len) {
+  const bool inplace = ids == out;
+  return run_guarded(
+      id_type, sim_type, ids, out, inplace, sim, valid, num_tokens, top_k, num_experts, false, guard, msg, msg_len,
+      [&](const void* i, void* o, const void* sm, const bool* v, unsigned char*) {
+        cudaStream_t st = nullptr;
+        cudaError_t err;
+        switch (id_type) {  // as sere_reroute_cuda_launch
+          case sere::kInt32:
+            err = launch_sim<int32_t>(sim_type, i, o, sm, v, num_tokens, top_k, select_top_k, num_experts, threshold,
+                                      st);
+            break;
+          case sere::kInt64:
+            err = launch_sim<int64_t>(sim_type, i, o, sm, v, num_tokens, top_k, select_top_k, num_experts, threshold,
+                                      st);
+            break;
+          default:
+            err = cudaErrorInvalidValue;
+        }
+        if (err != cudaSuccess && emu::state().error == cudaSuccess) {
+          emu::state().error = err;
+          emu::state().message = "the launcher refused its arguments (cudaErrorInvalidValue)";
+        }
+      });
+}
+
+extern "C" __attribute__((visibility("default"))) int sere_per_slot_emu_launch(int id_type, int sim_type, void* ids, const void* sim, const bool* valid,
+                                         int64_t num_tokens, int top_k, int select_top_k, int num_experts,
+                                         float threshold, int guard, char* msg, int msg_len) {
+  return run_guarded(
+      id_type, sim_type, ids, ids, true, sim, valid, num_tokens, top_k, num_experts, true, guard, msg, msg_len,
+      [&](const void* i, void*, const void* sm, const bool* v, unsigned char* flags) {
+        cudaStream_t st = nullptr;
+        const int s = select_top_k > top_k ? top_k : select_top_k;  // as sere_per_slot_cuda_launch
+        void* ids_rw = const_cast<void*>(i);
+        cudaError_t err;
+        switch (id_type) {
+          case sere::kInt32:
+            err = launch_per_slot_sim<int32_t>(sim_type, ids_rw, sm, v, num_tokens, top_k, s, num_experts, threshold,
+                                               flags, st);
+            break;
+          case sere::kInt64:
+            err = launch_per_slot_sim<int64_t>(sim_type, ids_rw, sm, v, num_tokens, top_k, s, num_experts, threshold,
+                                               flags, st);
+            break;
+          default:
+            err = cudaErrorInvalidValue;
+        }
+        if (err != cudaSuccess && emu::state().error == cudaSuccess) {
+          emu::state().error = err;
+          emu::state().message = "the launcher refused its arguments (cudaErrorInvalidValue)";
+        }
+      });
+}

@@ -1,0 +1,258 @@
+// SERE re-routing on the GPU: the kernels and their launch logic, without the CUDA includes.
+//
+// Two translation units include this file:
+//   - sere_reroute_cuda.cu (nvcc): after the CUDA runtime headers, with SERE_LAUNCH_KERNEL as `<<<...>>>`;
+//   - emu/sere_reroute_emu.cpp (g++): after emu/cuda_emu.h, which runs every CUDA thread as a fiber on the
+//     CPU, so tests execute this exact device code (indexing, block split, shuffles, barriers, in-place
+//     aliasing) on machines without a GPU.
+// Anything added here must compile in both; emu/cuda_emu.h lists the CUDA features it provides.
+//
+// reroute_kernel: one fused kernel, no workspace, no host synchronisation.
+// Each block owns a contiguous range of tokens and, in shared memory:
+//   1. marks the primary experts (top-S ids of every valid token; every block reads them all, which
+//      costs T*S id loads from L2 and saves a second launch and a global workspace), and the experts
+//      its own tokens use in secondary slots;
+//   2. builds the table entries its tokens need: one warp per needed non-primary expert e does the
+//      masked argmax of sim[e, :] over the primaries (lowest id on ties) and the rho test;
+//   3. gathers its tokens' secondary slots through the table (and copies the top-S slots).
+// Work is O(T*S*blocks + needed_rows*E + T*k); with <= 256 tokens (decode) it is a single block.
+// `out` may alias `ids`: the top-S slots are never written in place, and a block reads only its own
+// tokens' secondary slots, so blocks never race.
+#pragma once
+
+#include <cstdint>
+
+#include "sere_reroute.h"
+
+#ifndef SERE_LAUNCH_KERNEL
+#error "define SERE_LAUNCH_KERNEL(kernel_ptr, grid, block, stream, args...) before including this file"
+#endif
+
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+constexpr int kChunks = sere::kMaxExperts / 32;  // per-lane slice of one similarity row
+constexpr int kMinTokensPerBlock = 256;
+constexpr int kMaxBlocks = 64;  // bounds the redundant primary scan to 64 * T*S loads
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+template <typename Id>
+__device__ __forceinline__ bool in_range(Id e, int num_experts) {
+  return e >= 0 && e < static_cast<Id>(num_experts);
+}
+
+template <typename Id, typename Sim>
+__global__ void __launch_bounds__(kThreads)
+reroute_kernel(const Id* ids, Id* out, const Sim* __restrict__ sim, const bool* __restrict__ valid,
+               int num_tokens, int k, int s, int num_experts, float rho, int tokens_per_block) {
+  __shared__ unsigned char primary[sere::kMaxExperts];
+  __shared__ unsigned char needed[sere::kMaxExperts];
+  __shared__ short table[sere::kMaxExperts];
+
+  const int tid = threadIdx.x;
+  const int t0 = blockIdx.x * tokens_per_block;
+  const int t1 = min(num_tokens, t0 + tokens_per_block);
+  const bool inplace = static_cast<const void*>(ids) == static_cast<const void*>(out);
+
+  for (int e = tid; e < num_experts; e += kThreads) {
+    primary[e] = 0;
+    needed[e] = 0;
+    table[e] = static_cast<short>(e);
+  }
+  __syncthreads();
+
+  // 1. Flags. Concurrent stores of the same byte value need no atomics.
+  if (s < k) {
+    for (int t = tid; t < num_tokens; t += kThreads) {
+      if (valid != nullptr && !valid[t]) continue;
+      const Id* row = ids + static_cast<int64_t>(t) * k;
+      for (int j = 0; j < s; ++j) {
+        const Id e = row[j];
+        if (in_range(e, num_experts)) primary[e] = 1;
+      }
+    }
+    for (int t = t0 + tid; t < t1; t += kThreads) {
+      if (valid != nullptr && !valid[t]) continue;
+      const Id* row = ids + static_cast<int64_t>(t) * k;
+      for (int j = s; j < k; ++j) {
+        const Id e = row[j];
+        if (in_range(e, num_experts)) needed[e] = 1;
+      }
+    }
+  }
+  __syncthreads();
+
+  // 2. Table rows this block needs; the branch is warp-uniform (shared flags, e per warp).
+  if (s < k) {
+    const int warp = tid >> 5;
+    const int lane = tid & 31;
+    const int chunks = (num_experts + 31) >> 5;
+    for (int e = warp; e < num_experts; e += kWarps) {
+      if (!needed[e] || primary[e]) continue;
+      const Sim* srow = sim + static_cast<int64_t>(e) * num_experts;
+      float vals[kChunks];
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) {  // all loads issued before any compare
+        const int p = c * 32 + lane;
+        vals[c] = (c < chunks && p < num_experts && primary[p]) ? to_float(srow[p]) : -INFINITY;
+      }
+      float best = -INFINITY;
+      int best_p = num_experts;  // none
+      bool nan = false;
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) {  // ascending p per lane: strict > keeps the lowest id
+        const float v = vals[c];
+        nan |= (v != v);
+        if (v > best) {
+          best = v;
+          best_p = c * 32 + lane;
+        }
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) {
+        const float ov = __shfl_xor_sync(kFullMask, best, off);
+        const int op = __shfl_xor_sync(kFullMask, best_p, off);
+        if (ov > best || (ov == best && op < best_p)) {
+          best = ov;
+          best_p = op;
+        }
+      }
+      // torch's argmax returns a NaN when there is one, and NaN >= rho is false: e stays.
+      nan = __any_sync(kFullMask, nan);
+      if (lane == 0 && !nan && best_p < num_experts && best >= rho) table[e] = static_cast<short>(best_p);
+    }
+  }
+  __syncthreads();
+
+  // 3. Gather, coalesced over the block's slots.
+  const int i0 = t0 * k;
+  const int i1 = t1 * k;
+  for (int i = i0 + tid; i < i1; i += kThreads) {
+    const int t = i / k;
+    const int j = i - t * k;
+    const Id e = ids[i];
+    Id v = e;
+    if (j >= s && (valid == nullptr || valid[t]) && in_range(e, num_experts)) v = static_cast<Id>(table[e]);
+    if (!inplace || v != e) out[i] = v;
+  }
+}
+
+template <typename Id, typename Sim>
+cudaError_t launch(const void* ids, void* out, const void* sim, const bool* valid, int64_t num_tokens,
+                   int k, int s, int num_experts, float rho, cudaStream_t stream) {
+  if (num_tokens <= 0) return cudaSuccess;
+  if (num_experts < 1 || num_experts > sere::kMaxExperts || k < 1 || k > sere::kMaxTopK || s < 0 ||
+      num_tokens * k > INT32_MAX) {
+    return cudaErrorInvalidValue;
+  }
+  if (s > k) s = k;
+  int64_t blocks = (num_tokens + kMinTokensPerBlock - 1) / kMinTokensPerBlock;
+  if (blocks > kMaxBlocks) blocks = kMaxBlocks;
+  const int64_t per_block = (num_tokens + blocks - 1) / blocks;
+  auto* kernel = &reroute_kernel<Id, Sim>;
+  SERE_LAUNCH_KERNEL(kernel, static_cast<unsigned>(blocks), kThreads, stream, static_cast<const Id*>(ids),
+                     static_cast<Id*>(out), static_cast<const Sim*>(sim), valid, static_cast<int>(num_tokens), k, s,
+                     num_experts, rho, static_cast<int>(per_block));
+  return cudaGetLastError();
+}
+
+template <typename Id>
+cudaError_t launch_sim(int sim_type, const void* ids, void* out, const void* sim, const bool* valid,
+                       int64_t num_tokens, int k, int s, int num_experts, float rho, cudaStream_t stream) {
+  switch (sim_type) {
+    case sere::kFloat32:
+      return launch<Id, float>(ids, out, sim, valid, num_tokens, k, s, num_experts, rho, stream);
+    case sere::kBFloat16:
+      return launch<Id, __nv_bfloat16>(ids, out, sim, valid, num_tokens, k, s, num_experts, rho, stream);
+    case sere::kFloat16:
+      return launch<Id, __half>(ids, out, sim, valid, num_tokens, k, s, num_experts, rho, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+// ---- Baseline with the paper's kernel shape (benchmarks only) -------------------------------------
+// A flag pass over the valid tokens' top-S slots into a global byte array (zeroed by a memset), then one
+// thread per secondary slot scans all E similarities of its expert and writes the slot in place:
+// O(T*(k-S)*E) reads, three graph nodes. Same answers as reroute_kernel.
+template <typename Id>
+__global__ void primary_flags_kernel(const Id* ids, const bool* valid, int num_tokens, int k, int s,
+                                     int num_experts, unsigned char* flags) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= num_tokens * s) return;
+  const int t = i / s;
+  if (valid != nullptr && !valid[t]) return;
+  const Id e = ids[static_cast<int64_t>(t) * k + (i - t * s)];
+  if (in_range(e, num_experts)) flags[e] = 1;
+}
+
+template <typename Id, typename Sim>
+__global__ void per_slot_kernel(Id* ids, const Sim* __restrict__ sim, const bool* __restrict__ valid,
+                                int num_tokens, int k, int s, int num_experts, float rho,
+                                const unsigned char* __restrict__ flags) {
+  const int n_sec = k - s;
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= num_tokens * n_sec) return;
+  const int t = i / n_sec;
+  if (valid != nullptr && !valid[t]) return;
+  Id* slot = ids + static_cast<int64_t>(t) * k + s + (i - t * n_sec);
+  const Id e = *slot;
+  if (!in_range(e, num_experts) || flags[e]) return;
+  const Sim* row = sim + static_cast<int64_t>(e) * num_experts;
+  float best = -INFINITY;
+  int best_p = -1;
+  for (int p = 0; p < num_experts; ++p) {
+    if (!flags[p]) continue;
+    const float v = to_float(row[p]);
+    if (v != v) return;  // NaN: as torch's argmax
+    if (v > best) {
+      best = v;
+      best_p = p;
+    }
+  }
+  if (best_p >= 0 && best >= rho) *slot = static_cast<Id>(best_p);
+}
+
+template <typename Id, typename Sim>
+cudaError_t launch_per_slot(void* ids, const void* sim, const bool* valid, int64_t num_tokens, int k, int s,
+                            int num_experts, float rho, unsigned char* flags, cudaStream_t stream) {
+  if (num_tokens <= 0 || s >= k) return cudaSuccess;
+  if (num_experts < 1 || k < 1 || s < 0 || num_tokens * k > INT32_MAX) return cudaErrorInvalidValue;
+  cudaError_t err = cudaMemsetAsync(flags, 0, num_experts, stream);
+  if (err != cudaSuccess) return err;
+  constexpr int kBlock = 256;
+  const int64_t n_top = num_tokens * s;
+  const int64_t n_sec = num_tokens * (k - s);
+  if (n_top > 0) {
+    auto* flag_kernel = &primary_flags_kernel<Id>;
+    SERE_LAUNCH_KERNEL(flag_kernel, static_cast<unsigned>((n_top + kBlock - 1) / kBlock), kBlock, stream,
+                       static_cast<const Id*>(ids), valid, static_cast<int>(num_tokens), k, s, num_experts, flags);
+  }
+  auto* scan_kernel = &per_slot_kernel<Id, Sim>;
+  SERE_LAUNCH_KERNEL(scan_kernel, static_cast<unsigned>((n_sec + kBlock - 1) / kBlock), kBlock, stream,
+                     static_cast<Id*>(ids), static_cast<const Sim*>(sim), valid, static_cast<int>(num_tokens), k, s,
+                     num_experts, rho, flags);
+  return cudaGetLastError();
+}
+
+template <typename Id>
+cudaError_t launch_per_slot_sim(int sim_type, void* ids, const void* sim, const bool* valid, int64_t num_tokens,
+                                int k, int s, int num_experts, float rho, unsigned char* flags, cudaStream_t stream) {
+  switch (sim_type) {
+    case sere::kFloat32:
+      return launch_per_slot<Id, float>(ids, sim, valid, num_tokens, k, s, num_experts, rho, flags, stream);
+    case sere::kBFloat16:
+      return launch_per_slot<Id, __nv_bfloat16>(ids, sim, valid, num_tokens, k, s, num_experts, rho, flags, stream);
+    case sere::kFloat16:
+      return launch_per_slot<Id, __half>(ids, sim, valid, num_tokens, k, s, num_experts, rho, flags, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace

@@ -1,0 +1,168 @@
+"""The CUDA kernels' own device code, executed on the CPU (cuda_ext/emu), gives the reference's ids.
+
+No GPU is needed: cuda_ext/sere_reroute_kernels.cuh is compiled with g++ against a fiber emulation of
+CUDA threads (barriers, warp shuffles and votes), with every buffer against a guard page. This checks
+the kernels' indexing, block split, warp reductions, tie-breaking, in-place aliasing and argument checks;
+it cannot check timing, memory ordering on real hardware or CUDA-graph capture (tests/test_native.py's
+`cuda` tests and benchmarks/gpu_check.sh do that on a GPU).
+
+The last tests mutate a copy of the kernel source and show that the emulation notices: an
+out-of-bounds read, lanes of a warp that disagree on a shuffle, and a missing barrier.
+"""
+
+import random
+import shutil
+
+import pytest
+import torch
+
+from tests import cuda_emu
+from tests.test_native import SIM_DTYPES, expected, random_case
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                                reason="no C++ compiler")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def built():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cuda_emu.build()
+    yield
+    torch.set_num_threads(threads)
+
+
+def assert_same(got, want, case):
+    ids, sim, s, rho, valid = case
+    detail = (f"T={ids.shape[0]} k={ids.shape[1]} E={sim.shape[0]} S={s} rho={rho} ids={ids.dtype} "
+              f"sim={sim.dtype} valid={'none' if valid is None else int(valid.sum())}")
+    assert torch.equal(got, want), detail
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cuda_kernel_matches_reference_on_random_cases(seed):
+    # decode-sized batches (one block) mostly, and some multi-block ones (257..4096 tokens: 2-16 blocks)
+    rng = random.Random(seed * 104729 + 3)
+    for i in range(400):
+        case = random_case(rng, max_t=4096 if rng.random() < 0.1 else 256)
+        got = cuda_emu.reroute(*case, inplace=i % 2 == 1, guard=1 + i % 2)
+        assert_same(got, expected(*case), case)
+
+
+def test_cuda_kernel_with_the_most_blocks_in_place_and_out_of_place():
+    # > 64 * 256 tokens: 64 blocks of more than 256 tokens each; in place, blocks must not race
+    rng = random.Random(11)
+    for t, e, k in ((16384 + 77, 128, 8), (20000, 512, 16), (16385, 60, 4)):
+        g = torch.Generator().manual_seed(t)
+        ids = (torch.randn(t, e, generator=g) - torch.linspace(0, 4, e)).topk(k, dim=1).indices.int()
+        sim = torch.rand(e, e, generator=g).to(rng.choice(SIM_DTYPES))
+        valid = torch.rand(t, generator=g) > 0.3
+        case = (ids, sim, rng.randint(1, 2), 0.2, valid)
+        want = expected(*case)
+        assert not torch.equal(want, ids)  # the case re-routes something
+        assert_same(cuda_emu.reroute(*case, guard=1), want, case)
+        assert_same(cuda_emu.reroute(*case, inplace=True, guard=2), want, case)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_paper_shaped_baseline_kernels_match_reference(seed):
+    # the benchmark baseline (memset + flag kernel + per-slot scan) must give the same answers it is timed
+    # against; its workspace starts as garbage, so a missing memset shows
+    rng = random.Random(500 + seed)
+    for i in range(300):
+        case = random_case(rng, max_t=2048 if rng.random() < 0.1 else 256)
+        got = cuda_emu.per_slot_scan_(case[0].clone(), *case[1:], guard=1 + i % 2)
+        assert_same(got, expected(*case), case)
+
+
+def test_cuda_kernel_exact_outcomes():
+    sim = torch.tensor([[1.0, 0.1, 0.8, 0.2],
+                        [0.1, 1.0, 0.3, 0.25],
+                        [0.8, 0.3, 1.0, 0.0],
+                        [0.2, 0.25, 0.0, 1.0]])
+    ids = torch.tensor([[0, 2], [1, 3]], dtype=torch.int32)
+    assert cuda_emu.reroute(ids, sim, 1, 0.3).tolist() == [[0, 0], [1, 3]]
+    assert cuda_emu.reroute(ids, sim, 1, 0.25).tolist() == [[0, 0], [1, 1]]  # >= rho moves
+    assert cuda_emu.reroute(ids, sim, 2, 0.0).tolist() == [[0, 2], [1, 3]]  # S = k
+    assert cuda_emu.reroute(ids, sim, 5, 0.0).tolist() == [[0, 2], [1, 3]]  # S > k acts as S = k
+    assert cuda_emu.reroute(ids, sim, 0, 0.0).tolist() == [[0, 2], [1, 3]]  # no primaries
+    assert cuda_emu.reroute(ids, sim, 1, 0.0, torch.tensor([True, False])).tolist() == [[0, 0], [1, 3]]
+    # ties go to the lowest primary id, in every similarity dtype (the warp reduction's tie-break)
+    flat = torch.full((40, 40), 0.5)
+    tied = torch.tensor([[33, 39], [2, 39], [31, 39], [1, 39]])
+    for dtype in SIM_DTYPES:
+        assert cuda_emu.reroute(tied, flat.to(dtype), 1, 0.5).tolist() == [[33, 1], [2, 1], [31, 1], [1, 1]]
+    # NaN to a primary keeps the expert; out-of-range ids pass through
+    nan = torch.tensor([[1.0, float("nan"), 0.9], [0.5, 1.0, 0.5], [0.5, 0.5, 1.0]])
+    assert cuda_emu.reroute(torch.tensor([[1, 0], [2, 1]]), nan, 1, 0.1).tolist() == [[1, 0], [2, 1]]
+    odd = torch.tensor([[0, -1, 9, 2], [7, 3, 1, 2]])
+    assert cuda_emu.reroute(odd, torch.ones(4, 4), 1, 0.0).tolist() == [[0, -1, 9, 0], [7, 0, 0, 0]]
+    assert cuda_emu.reroute(torch.empty(0, 3, dtype=torch.int64), torch.rand(5, 5), 1, 0.0).shape == (0, 3)
+
+
+@pytest.mark.parametrize("e, k", [(513, 4), (0, 4), (8, 17), (8, 0)])
+def test_launcher_refuses_out_of_contract_shapes_without_touching_memory(e, k):
+    ids = torch.zeros(4, max(k, 1), dtype=torch.int32)[:, :k].contiguous()
+    sim = torch.rand(max(e, 1), max(e, 1))
+    with pytest.raises(cuda_emu.EmulationError) as err:
+        cuda_emu.reroute(ids, sim, 1, 0.0, num_experts=e)
+    assert err.value.code == cuda_emu.INVALID_VALUE
+
+
+# ---- the emulation notices broken kernels ---------------------------------------------------------
+
+
+def _mutated(tmp_path, old: str, new: str):
+    src = tmp_path / "cuda_ext"
+    shutil.copytree(cuda_emu.SRC, src)
+    path = src / "sere_reroute_kernels.cuh"
+    text = path.read_text()
+    assert text.count(old) == 1, old
+    path.write_text(text.replace(old, new))
+    return src
+
+
+def _first_failure(monkeypatch, src, seed=5, cases=200):
+    monkeypatch.setattr(cuda_emu, "SRC", src)
+    monkeypatch.setattr(cuda_emu, "_lib", None)
+    rng = random.Random(seed)
+    try:
+        for i in range(cases):
+            case = random_case(rng, max_t=20000 if i % 20 == 0 else 300)
+            if not torch.equal(cuda_emu.reroute(*case, inplace=i % 2 == 0, guard=1 + i % 2), expected(*case)):
+                return "mismatch"
+    except cuda_emu.EmulationError as err:
+        return str(err)
+    finally:
+        monkeypatch.setattr(cuda_emu, "_lib", None)  # the next test builds the real kernel again
+    return None
+
+
+def test_emulation_reports_an_out_of_bounds_read(tmp_path, monkeypatch):
+    src = _mutated(tmp_path, "const int t1 = min(num_tokens, t0 + tokens_per_block);",
+                   "const int t1 = t0 + tokens_per_block;")  # the last block runs past T
+    failure = _first_failure(monkeypatch, src)
+    assert failure is not None and "out-of-bounds access to `" in failure, failure
+
+
+def test_emulation_reports_lanes_that_disagree_on_a_shuffle(tmp_path, monkeypatch):
+    src = _mutated(tmp_path, "if (!needed[e] || primary[e]) continue;",
+                   "if (!needed[e] || primary[e] || (lane == 3 && e % 2)) continue;")
+    failure = _first_failure(monkeypatch, src)
+    assert failure is not None and "divergent barrier" in failure and "__shfl_xor_sync" in failure, failure
+
+
+def test_emulation_notices_a_missing_barrier(tmp_path, monkeypatch):
+    # without the barrier before the gather, early threads read table rows other warps have not written
+    src = _mutated(tmp_path, "  }\n  __syncthreads();\n\n  // 3.", "  }\n\n  // 3.")
+    assert _first_failure(monkeypatch, src) == "mismatch"
+
+
+
+def test_portable_ucontext_fibers_give_the_same_ids():
+    # the stack switch used off x86-64 (forced here with -DSERE_EMU_UCONTEXT)
+    lib = cuda_emu.build(("-DSERE_EMU_UCONTEXT",))
+    rng = random.Random(77)
+    for i in range(60):
+        case = random_case(rng, max_t=2048 if i % 10 == 0 else 128)
+        assert_same(cuda_emu.reroute(*case, inplace=i % 2 == 0, lib=lib), expected(*case), case)
