@@ -36,14 +36,15 @@ class EmulationError(RuntimeError):
         self.code = code
 
 
-_lib: ctypes.CDLL | None = None
+_libs: dict[tuple[Path, tuple[str, ...]], ctypes.CDLL] = {}
 
 
 def build(defines: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """Compile (cached) and load the emulation; `defines` (e.g. "-DSERE_EMU_UCONTEXT") make a variant."""
-    global _lib
-    if _lib is not None and not defines:
-        return _lib
+    """Compile (cached on disk) and load the emulation from SRC; `defines` (e.g. "-DSERE_EMU_UCONTEXT")
+    make a variant. One library per (SRC, defines) per process."""
+    key = (SRC, tuple(defines))
+    if key in _libs:
+        return _libs[key]
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++) to build the CUDA emulation")
@@ -67,8 +68,7 @@ def build(defines: tuple[str, ...] = ()) -> ctypes.CDLL:
     lib.sere_reroute_emu_launch.restype = ctypes.c_int
     lib.sere_per_slot_emu_launch.argtypes = common + [ctypes.c_void_p] * 3 + tail
     lib.sere_per_slot_emu_launch.restype = ctypes.c_int
-    if not defines:
-        _lib = lib
+    _libs[key] = lib
     return lib
 
 
@@ -99,9 +99,9 @@ def reroute(ids: torch.Tensor, sim: torch.Tensor, s: int, rho: float, valid: tor
 
 
 def per_slot_scan_(ids: torch.Tensor, sim: torch.Tensor, s: int, rho: float, valid: torch.Tensor | None = None, *,
-                   guard: int = 1) -> torch.Tensor:
+                   guard: int = 1, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """The paper-shaped baseline kernels (memset, flags, one thread per secondary slot), in place."""
-    lib = build()
+    lib = lib or build()
     assert ids.is_contiguous()
     sim = sim.contiguous()
     msg = ctypes.create_string_buffer(512)

@@ -123,8 +123,7 @@ def _mutated(tmp_path, old: str, new: str):
 
 
 def _first_failure(monkeypatch, src, seed=5, cases=200):
-    monkeypatch.setattr(cuda_emu, "SRC", src)
-    monkeypatch.setattr(cuda_emu, "_lib", None)
+    monkeypatch.setattr(cuda_emu, "SRC", src)  # build() makes and loads a library for the mutated copy
     rng = random.Random(seed)
     try:
         for i in range(cases):
@@ -133,8 +132,6 @@ def _first_failure(monkeypatch, src, seed=5, cases=200):
                 return "mismatch"
     except cuda_emu.EmulationError as err:
         return str(err)
-    finally:
-        monkeypatch.setattr(cuda_emu, "_lib", None)  # the next test builds the real kernel again
     return None
 
 

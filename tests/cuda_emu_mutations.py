@@ -1,0 +1,89 @@
+"""How sensitive the CPU emulation of the CUDA kernels is: break the kernel source on purpose, one way at
+a time, and report whether random parity cases (as in tests/test_cuda_emu.py) notice and how.
+
+    .venv/bin/python -m tests.cuda_emu_mutations        # a table, about 1 minute (one build per mutation)
+
+Three of these run in the suite (tests/test_cuda_emu.py); this sweep covers more. Exit status 1 if a
+mutation goes unnoticed.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tests import cuda_emu
+from tests.test_native import expected, random_case
+
+# name -> (text in sere_reroute_kernels.cuh, replacement, what it breaks)
+MUTATIONS = {
+    "block end": ("const int t1 = min(num_tokens, t0 + tokens_per_block);", "const int t1 = t0 + tokens_per_block;",
+                  "the last block runs past T"),
+    "tie-break": ("(ov == best && op < best_p)", "(ov == best && op > best_p)", "ties go to the highest id"),
+    "barrier 1": ("  }\n  __syncthreads();\n\n  // 2.", "  }\n\n  // 2.", "no barrier after the flags"),
+    "barrier 2": ("  }\n  __syncthreads();\n\n  // 3.", "  }\n\n  // 3.", "no barrier before the gather"),
+    "warp divergence": ("if (!needed[e] || primary[e]) continue;",
+                        "if (!needed[e] || primary[e] || (lane == 3 && e % 2)) continue;",
+                        "one lane skips rows its warp reduces"),
+    "rho strict": ("!nan && best_p < num_experts && best >= rho", "!nan && best_p < num_experts && best > rho",
+                   "> instead of >= rho"),
+    "no memset": ("cudaError_t err = cudaMemsetAsync(flags, 0, num_experts, stream);", "cudaError_t err = cudaSuccess;",
+                  "baseline workspace not cleared"),
+    "short reduction": ("for (int off = 16; off > 0; off >>= 1)", "for (int off = 8; off > 0; off >>= 1)",
+                        "warp max over 16 lanes only"),
+    "valid ignored": ("if (j >= s && (valid == nullptr || valid[t]) && in_range(e, num_experts))",
+                      "if (j >= s && in_range(e, num_experts))", "padding tokens re-routed"),
+}
+
+
+def first_failure(lib, cases: int = 400, seed: int = 5) -> tuple[int, str] | None:
+    rng = random.Random(seed)
+    for i in range(cases):
+        case = random_case(rng, max_t=20000 if i % 20 == 0 else 300)
+        want = expected(*case)
+        try:
+            got = cuda_emu.reroute(*case, inplace=i % 2 == 0, guard=1 + i % 2, lib=lib)
+            base = cuda_emu.per_slot_scan_(case[0].clone(), *case[1:], lib=lib)
+        except cuda_emu.EmulationError as err:
+            return i, str(err)
+        if not torch.equal(got, want) or not torch.equal(base, want):
+            return i, "wrong ids"
+    return None
+
+
+def main() -> int:
+    torch.set_num_threads(1)
+    original = cuda_emu.SRC
+    rows, missed = [], 0
+    for name, (old, new, what) in MUTATIONS.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(tmp) / "cuda_ext"
+            shutil.copytree(original, src)
+            path = src / "sere_reroute_kernels.cuh"
+            text = path.read_text()
+            if text.count(old) != 1:
+                raise SystemExit(f"mutation {name!r}: the kernel source changed; update its text")
+            path.write_text(text.replace(old, new))
+            cuda_emu.SRC = src
+            try:
+                found = first_failure(cuda_emu.build())
+            finally:
+                cuda_emu.SRC = original
+        missed += found is None
+        rows.append((name, what, "NOT NOTICED" if found is None else f"case {found[0]}: {found[1][:90]}"))
+    width = max(len(r[0]) for r in rows)
+    wwidth = max(len(r[1]) for r in rows)
+    print(f"{'mutation':<{width}}  {'breaks':<{wwidth}}  first failure")
+    for name, what, result in rows:
+        print(f"{name:<{width}}  {what:<{wwidth}}  {result}")
+    print(f"{len(rows) - missed} of {len(rows)} mutations noticed")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
