@@ -19,41 +19,14 @@ extern "C" int sere_reroute_cuda_launch(int id_type, int sim_type, const void* i
                                          const void* sim, const bool* valid, int64_t num_tokens,
                                          int top_k, int select_top_k, int num_experts, float threshold,
                                          void* stream) {
-  const auto st = static_cast<cudaStream_t>(stream);
-  cudaError_t err;
-  switch (id_type) {
-    case sere::kInt32:
-      err = launch_sim<int32_t>(sim_type, ids, out, sim, valid, num_tokens, top_k, select_top_k, num_experts,
-                                threshold, st);
-      break;
-    case sere::kInt64:
-      err = launch_sim<int64_t>(sim_type, ids, out, sim, valid, num_tokens, top_k, select_top_k, num_experts,
-                                threshold, st);
-      break;
-    default:
-      err = cudaErrorInvalidValue;
-  }
-  return static_cast<int>(err);
+  return static_cast<int>(reroute_entry(id_type, sim_type, ids, out, sim, valid, num_tokens, top_k, select_top_k,
+                                        num_experts, threshold, static_cast<cudaStream_t>(stream)));
 }
 
 extern "C" int sere_per_slot_cuda_launch(int id_type, int sim_type, void* ids, const void* sim, const bool* valid,
                                           int64_t num_tokens, int top_k, int select_top_k, int num_experts,
                                           float threshold, void* flags, void* stream) {
-  const auto st = static_cast<cudaStream_t>(stream);
-  auto* f = static_cast<unsigned char*>(flags);
-  const int s = select_top_k > top_k ? top_k : select_top_k;
-  cudaError_t err;
-  switch (id_type) {
-    case sere::kInt32:
-      err = launch_per_slot_sim<int32_t>(sim_type, ids, sim, valid, num_tokens, top_k, s, num_experts, threshold,
-                                         f, st);
-      break;
-    case sere::kInt64:
-      err = launch_per_slot_sim<int64_t>(sim_type, ids, sim, valid, num_tokens, top_k, s, num_experts, threshold,
-                                         f, st);
-      break;
-    default:
-      err = cudaErrorInvalidValue;
-  }
-  return static_cast<int>(err);
+  return static_cast<int>(per_slot_entry(id_type, sim_type, ids, sim, valid, num_tokens, top_k, select_top_k,
+                                         num_experts, threshold, static_cast<unsigned char*>(flags),
+                                         static_cast<cudaStream_t>(stream)));
 }

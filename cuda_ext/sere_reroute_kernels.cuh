@@ -161,21 +161,6 @@ cudaError_t launch(const void* ids, void* out, const void* sim, const bool* vali
   return cudaGetLastError();
 }
 
-template <typename Id>
-cudaError_t launch_sim(int sim_type, const void* ids, void* out, const void* sim, const bool* valid,
-                       int64_t num_tokens, int k, int s, int num_experts, float rho, cudaStream_t stream) {
-  switch (sim_type) {
-    case sere::kFloat32:
-      return launch<Id, float>(ids, out, sim, valid, num_tokens, k, s, num_experts, rho, stream);
-    case sere::kBFloat16:
-      return launch<Id, __nv_bfloat16>(ids, out, sim, valid, num_tokens, k, s, num_experts, rho, stream);
-    case sere::kFloat16:
-      return launch<Id, __half>(ids, out, sim, valid, num_tokens, k, s, num_experts, rho, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
-}
-
 // ---- Baseline with the paper's kernel shape (benchmarks only) -------------------------------------
 // A flag pass over the valid tokens' top-S slots into a global byte array (zeroed by a memset), then one
 // thread per secondary slot scans all E similarities of its expert and writes the slot in place:
@@ -240,19 +225,56 @@ cudaError_t launch_per_slot(void* ids, const void* sim, const bool* valid, int64
   return cudaGetLastError();
 }
 
-template <typename Id>
-cudaError_t launch_per_slot_sim(int sim_type, void* ids, const void* sim, const bool* valid, int64_t num_tokens,
-                                int k, int s, int num_experts, float rho, unsigned char* flags, cudaStream_t stream) {
-  switch (sim_type) {
-    case sere::kFloat32:
-      return launch_per_slot<Id, float>(ids, sim, valid, num_tokens, k, s, num_experts, rho, flags, stream);
-    case sere::kBFloat16:
-      return launch_per_slot<Id, __nv_bfloat16>(ids, sim, valid, num_tokens, k, s, num_experts, rho, flags, stream);
-    case sere::kFloat16:
-      return launch_per_slot<Id, __half>(ids, sim, valid, num_tokens, k, s, num_experts, rho, flags, stream);
+// ---- Entry points (the C functions in sere_reroute_cuda.cu and emu/sere_reroute_emu.cpp call these) ----
+
+// f(Id{}) for the id type code, f(Sim{}) for the similarity type code; anything else is refused.
+template <typename F>
+cudaError_t with_id_type(int id_type, F&& f) {
+  switch (id_type) {
+    case sere::kInt32:
+      return f(int32_t{});
+    case sere::kInt64:
+      return f(int64_t{});
     default:
       return cudaErrorInvalidValue;
   }
+}
+
+template <typename F>
+cudaError_t with_sim_type(int sim_type, F&& f) {
+  switch (sim_type) {
+    case sere::kFloat32:
+      return f(float{});
+    case sere::kBFloat16:
+      return f(__nv_bfloat16{});
+    case sere::kFloat16:
+      return f(__half{});
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+inline cudaError_t reroute_entry(int id_type, int sim_type, const void* ids, void* out, const void* sim,
+                                 const bool* valid, int64_t num_tokens, int top_k, int select_top_k, int num_experts,
+                                 float threshold, cudaStream_t stream) {
+  return with_id_type(id_type, [&](auto id) {
+    return with_sim_type(sim_type, [&](auto sim_value) {
+      return launch<decltype(id), decltype(sim_value)>(ids, out, sim, valid, num_tokens, top_k, select_top_k,
+                                                       num_experts, threshold, stream);
+    });
+  });
+}
+
+inline cudaError_t per_slot_entry(int id_type, int sim_type, void* ids, const void* sim, const bool* valid,
+                                  int64_t num_tokens, int top_k, int select_top_k, int num_experts, float threshold,
+                                  unsigned char* flags, cudaStream_t stream) {
+  const int s = select_top_k > top_k ? top_k : select_top_k;
+  return with_id_type(id_type, [&](auto id) {
+    return with_sim_type(sim_type, [&](auto sim_value) {
+      return launch_per_slot<decltype(id), decltype(sim_value)>(ids, sim, valid, num_tokens, top_k, s, num_experts,
+                                                                threshold, flags, stream);
+    });
+  });
 }
 
 }  // namespace

@@ -165,61 +165,32 @@ int run_guarded(int id_type, int sim_type, const void* ids, void* result, bool i
   return err;
 }
 
-}  // namespace
-
-extern "C" __attribute__((visibility("default"))) int sere_reroute_emu_launch(int id_type, int sim_type, const void* ids, void* out, const void* sim,
-                                        const bool* valid, int64_t num_tokens, int top_k, int select_top_k,
-                                        int num_experts, float threshold, int guard, char* msg, int msg_len) {
-  const bool inplace = ids == out;
-  return run_guarded(
-      id_type, sim_type, ids, out, inplace, sim, valid, num_tokens, top_k, num_experts, false, guard, msg, msg_len,
-      [&](const void* i, void* o, const void* sm, const bool* v, unsigned char*) {
-        cudaStream_t st = nullptr;
-        cudaError_t err;
-        switch (id_type) {  // as sere_reroute_cuda_launch
-          case sere::kInt32:
-            err = launch_sim<int32_t>(sim_type, i, o, sm, v, num_tokens, top_k, select_top_k, num_experts, threshold,
-                                      st);
-            break;
-          case sere::kInt64:
-            err = launch_sim<int64_t>(sim_type, i, o, sm, v, num_tokens, top_k, select_top_k, num_experts, threshold,
-                                      st);
-            break;
-          default:
-            err = cudaErrorInvalidValue;
-        }
-        if (err != cudaSuccess && emu::state().error == cudaSuccess) {
-          emu::state().error = err;
-          emu::state().message = "the launcher refused its arguments (cudaErrorInvalidValue)";
-        }
-      });
+// When the launcher itself refuses (before any kernel runs), say so; a failed kernel has its own message.
+void note_refusal(cudaError_t err) {
+  if (err != cudaSuccess && emu::state().error == cudaSuccess) {
+    emu::state().error = err;
+    emu::state().message = "the launcher refused its arguments (cudaErrorInvalidValue)";
+  }
 }
 
-extern "C" __attribute__((visibility("default"))) int sere_per_slot_emu_launch(int id_type, int sim_type, void* ids, const void* sim, const bool* valid,
-                                         int64_t num_tokens, int top_k, int select_top_k, int num_experts,
-                                         float threshold, int guard, char* msg, int msg_len) {
-  return run_guarded(
-      id_type, sim_type, ids, ids, true, sim, valid, num_tokens, top_k, num_experts, true, guard, msg, msg_len,
-      [&](const void* i, void*, const void* sm, const bool* v, unsigned char* flags) {
-        cudaStream_t st = nullptr;
-        const int s = select_top_k > top_k ? top_k : select_top_k;  // as sere_per_slot_cuda_launch
-        void* ids_rw = const_cast<void*>(i);
-        cudaError_t err;
-        switch (id_type) {
-          case sere::kInt32:
-            err = launch_per_slot_sim<int32_t>(sim_type, ids_rw, sm, v, num_tokens, top_k, s, num_experts, threshold,
-                                               flags, st);
-            break;
-          case sere::kInt64:
-            err = launch_per_slot_sim<int64_t>(sim_type, ids_rw, sm, v, num_tokens, top_k, s, num_experts, threshold,
-                                               flags, st);
-            break;
-          default:
-            err = cudaErrorInvalidValue;
-        }
-        if (err != cudaSuccess && emu::state().error == cudaSuccess) {
-          emu::state().error = err;
-          emu::state().message = "the launcher refused its arguments (cudaErrorInvalidValue)";
-        }
-      });
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) int sere_reroute_emu_launch(
+    int id_type, int sim_type, const void* ids, void* out, const void* sim, const bool* valid, int64_t num_tokens,
+    int top_k, int select_top_k, int num_experts, float threshold, int guard, char* msg, int msg_len) {
+  return run_guarded(id_type, sim_type, ids, out, ids == out, sim, valid, num_tokens, top_k, num_experts, false, guard,
+                     msg, msg_len, [&](const void* i, void* o, const void* sm, const bool* v, unsigned char*) {
+                       note_refusal(reroute_entry(id_type, sim_type, i, o, sm, v, num_tokens, top_k, select_top_k,
+                                                  num_experts, threshold, nullptr));
+                     });
+}
+
+extern "C" __attribute__((visibility("default"))) int sere_per_slot_emu_launch(
+    int id_type, int sim_type, void* ids, const void* sim, const bool* valid, int64_t num_tokens, int top_k,
+    int select_top_k, int num_experts, float threshold, int guard, char* msg, int msg_len) {
+  return run_guarded(id_type, sim_type, ids, ids, true, sim, valid, num_tokens, top_k, num_experts, true, guard, msg,
+                     msg_len, [&](const void* i, void*, const void* sm, const bool* v, unsigned char* flags) {
+                       note_refusal(per_slot_entry(id_type, sim_type, const_cast<void*>(i), sm, v, num_tokens, top_k,
+                                                   select_top_k, num_experts, threshold, flags, nullptr));
+                     });
 }
