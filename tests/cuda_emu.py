@@ -39,10 +39,10 @@ class EmulationError(RuntimeError):
 _libs: dict[tuple[Path, tuple[str, ...]], ctypes.CDLL] = {}
 
 
-def build(defines: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """Compile (cached on disk) and load the emulation from SRC; `defines` (e.g. "-DSERE_EMU_UCONTEXT")
-    make a variant. One library per (SRC, defines) per process."""
-    key = (SRC, tuple(defines))
+def build(defines: tuple[str, ...] = (), src: Path = SRC) -> ctypes.CDLL:
+    """Compile (cached on disk) and load the emulation from the cuda_ext tree `src`; `defines` (e.g.
+    "-DSERE_EMU_UCONTEXT") make a variant. One library per (src, defines) per process."""
+    key = (src, tuple(defines))
     if key in _libs:
         return _libs[key]
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
@@ -50,13 +50,14 @@ def build(defines: tuple[str, ...] = ()) -> ctypes.CDLL:
         raise RuntimeError("no C++ compiler (g++) to build the CUDA emulation")
     h = hashlib.sha256(repr((FLAGS, defines, cxx, sys.platform)).encode())
     for name in SOURCES:
-        h.update(name.encode() + b"\0" + (SRC / name).read_bytes())
+        h.update(name.encode() + b"\0" + (src / name).read_bytes())
     out_dir = native.cache_root() / "emu"
     out_dir.mkdir(parents=True, exist_ok=True)
     lib_path = out_dir / f"sere_reroute_emu-{h.hexdigest()[:16]}.so"
     if not lib_path.is_file():
         tmp = lib_path.with_suffix(f".{os.getpid()}.tmp")
-        proc = subprocess.run([cxx, *FLAGS, *defines, str(SRC / SOURCES[0]), "-o", str(tmp)], capture_output=True, text=True)
+        proc = subprocess.run([cxx, *FLAGS, *defines, str(src / SOURCES[0]), "-o", str(tmp)], capture_output=True,
+                              text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"building the CUDA emulation failed:\n{proc.stderr[-4000:]}")
         os.replace(tmp, lib_path)  # atomic: a concurrent builder sees a whole file or none
@@ -84,7 +85,7 @@ def _check(code: int, buf: ctypes.Array) -> None:
 def reroute(ids: torch.Tensor, sim: torch.Tensor, s: int, rho: float, valid: torch.Tensor | None = None, *,
             inplace: bool = False, guard: int = 1, num_experts: int | None = None,
             lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """The CUDA kernel's result for CPU tensors; `guard` 1/2 puts guard pages after/before every buffer."""
+    """The CUDA kernel's result for CPU tensors; `guard` 1/2 puts a guard page after/before every buffer."""
     lib = lib or build()
     ids = ids.contiguous()
     sim = sim.contiguous()

@@ -41,7 +41,20 @@ MUTATIONS = {
 }
 
 
+def mutant(name: str, workdir: Path) -> Path:
+    """A copy of cuda_ext/ under `workdir` with mutation `name` applied to the kernel source."""
+    old, new, _ = MUTATIONS[name]
+    src = Path(shutil.copytree(cuda_emu.SRC, workdir / "cuda_ext"))
+    path = src / "sere_reroute_kernels.cuh"
+    text = path.read_text()
+    if text.count(old) != 1:
+        raise SystemExit(f"mutation {name!r}: the kernel source changed; update its text")
+    path.write_text(text.replace(old, new))
+    return src
+
+
 def first_failure(lib, cases: int = 400, seed: int = 5) -> tuple[int, str] | None:
+    """The first random case (index, what) on which `lib` disagrees with the reference or fails."""
     rng = random.Random(seed)
     for i in range(cases):
         case = random_case(rng, max_t=20000 if i % 20 == 0 else 300)
@@ -56,24 +69,16 @@ def first_failure(lib, cases: int = 400, seed: int = 5) -> tuple[int, str] | Non
     return None
 
 
+def try_mutation(name: str, workdir: Path) -> tuple[int, str] | None:
+    return first_failure(cuda_emu.build(src=mutant(name, workdir)))
+
+
 def main() -> int:
     torch.set_num_threads(1)
-    original = cuda_emu.SRC
     rows, missed = [], 0
-    for name, (old, new, what) in MUTATIONS.items():
+    for name, (_, _, what) in MUTATIONS.items():
         with tempfile.TemporaryDirectory() as tmp:
-            src = Path(tmp) / "cuda_ext"
-            shutil.copytree(original, src)
-            path = src / "sere_reroute_kernels.cuh"
-            text = path.read_text()
-            if text.count(old) != 1:
-                raise SystemExit(f"mutation {name!r}: the kernel source changed; update its text")
-            path.write_text(text.replace(old, new))
-            cuda_emu.SRC = src
-            try:
-                found = first_failure(cuda_emu.build())
-            finally:
-                cuda_emu.SRC = original
+            found = try_mutation(name, Path(tmp))
         missed += found is None
         rows.append((name, what, "NOT NOTICED" if found is None else f"case {found[0]}: {found[1][:90]}"))
     width = max(len(r[0]) for r in rows)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tests import cuda_emu
+from tests.cuda_emu_mutations import try_mutation
 from tests.test_native import SIM_DTYPES, expected, random_case
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
@@ -112,48 +113,20 @@ def test_launcher_refuses_out_of_contract_shapes_without_touching_memory(e, k):
 # ---- the emulation notices broken kernels ---------------------------------------------------------
 
 
-def _mutated(tmp_path, old: str, new: str):
-    src = tmp_path / "cuda_ext"
-    shutil.copytree(cuda_emu.SRC, src)
-    path = src / "sere_reroute_kernels.cuh"
-    text = path.read_text()
-    assert text.count(old) == 1, old
-    path.write_text(text.replace(old, new))
-    return src
+def test_emulation_reports_an_out_of_bounds_read(tmp_path):
+    failure = try_mutation("block end", tmp_path)  # the last block runs past T
+    assert failure is not None and "out-of-bounds access to `" in failure[1], failure
 
 
-def _first_failure(monkeypatch, src, seed=5, cases=200):
-    monkeypatch.setattr(cuda_emu, "SRC", src)  # build() makes and loads a library for the mutated copy
-    rng = random.Random(seed)
-    try:
-        for i in range(cases):
-            case = random_case(rng, max_t=20000 if i % 20 == 0 else 300)
-            if not torch.equal(cuda_emu.reroute(*case, inplace=i % 2 == 0, guard=1 + i % 2), expected(*case)):
-                return "mismatch"
-    except cuda_emu.EmulationError as err:
-        return str(err)
-    return None
+def test_emulation_reports_lanes_that_disagree_on_a_shuffle(tmp_path):
+    failure = try_mutation("warp divergence", tmp_path)  # one lane skips a row its warp reduces
+    assert failure is not None and "divergent barrier" in failure[1] and "__shfl_xor_sync" in failure[1], failure
 
 
-def test_emulation_reports_an_out_of_bounds_read(tmp_path, monkeypatch):
-    src = _mutated(tmp_path, "const int t1 = min(num_tokens, t0 + tokens_per_block);",
-                   "const int t1 = t0 + tokens_per_block;")  # the last block runs past T
-    failure = _first_failure(monkeypatch, src)
-    assert failure is not None and "out-of-bounds access to `" in failure, failure
-
-
-def test_emulation_reports_lanes_that_disagree_on_a_shuffle(tmp_path, monkeypatch):
-    src = _mutated(tmp_path, "if (!needed[e] || primary[e]) continue;",
-                   "if (!needed[e] || primary[e] || (lane == 3 && e % 2)) continue;")
-    failure = _first_failure(monkeypatch, src)
-    assert failure is not None and "divergent barrier" in failure and "__shfl_xor_sync" in failure, failure
-
-
-def test_emulation_notices_a_missing_barrier(tmp_path, monkeypatch):
+def test_emulation_notices_a_missing_barrier(tmp_path):
     # without the barrier before the gather, early threads read table rows other warps have not written
-    src = _mutated(tmp_path, "  }\n  __syncthreads();\n\n  // 3.", "  }\n\n  // 3.")
-    assert _first_failure(monkeypatch, src) == "mismatch"
-
+    failure = try_mutation("barrier 2", tmp_path)
+    assert failure is not None and failure[1] == "wrong ids", failure
 
 
 def test_portable_ucontext_fibers_give_the_same_ids():

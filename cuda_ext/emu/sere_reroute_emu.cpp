@@ -4,8 +4,7 @@
 //
 // Every buffer the kernels get is a copy placed against an inaccessible guard page, after its end
 // (guard = 1) or before its start (guard = 2), so an out-of-bounds access to any of them stops the
-// launch with the buffer's name and offset instead of reading a neighbour's memory. guard = 0 passes
-// the caller's pointers straight through.
+// launch with the buffer's name and offset instead of reading a neighbour's memory.
 //
 // Entry points return the cudaError_t value (0 on success) and, on failure, a message in `msg`.
 // Single-threaded: one launch at a time per process.
@@ -113,31 +112,28 @@ __attribute__((noinline)) bool call_catching_faults(Call& call, const void* ids,
 size_t id_bytes(int id_type) { return id_type == sere::kInt64 ? 8 : 4; }
 size_t sim_bytes(int sim_type) { return sim_type == sere::kFloat32 ? 4 : 2; }
 
-// Runs `call(ids, out, sim, valid, flags)` on guarded copies (or the originals), then copies the written
-// buffer back into `result` (ids for in place). Returns the cudaError_t value.
+// Runs `call(ids, out, sim, valid, flags)` on guarded copies, then copies the written buffer back into
+// `result` (ids for in place). Out-of-contract shapes get empty buffers: the launcher must refuse them
+// before any access, and an access would hit a guard page. Returns the cudaError_t value.
 template <typename Call>
 int run_guarded(int id_type, int sim_type, const void* ids, void* result, bool inplace, const void* sim,
                 const bool* valid, int64_t num_tokens, int top_k, int num_experts, bool with_flags, int guard,
                 char* msg, int msg_len, Call&& call) {
   emu::reset();
-  const bool shapes_ok = num_tokens >= 0 && top_k >= 0 && top_k <= 1024 && num_experts >= 0 && num_experts <= 4096 &&
-                         num_tokens <= (int64_t{1} << 31);
-  const size_t n_ids = shapes_ok ? static_cast<size_t>(num_tokens) * static_cast<size_t>(top_k) : 0;
-  const size_t n_sim = shapes_ok ? static_cast<size_t>(num_experts) * static_cast<size_t>(num_experts) : 0;
-  if (guard == 0 || !shapes_ok) {  // straight through (bad shapes must be refused before any access)
-    void* out = inplace ? const_cast<void*>(ids) : result;
-    std::vector<unsigned char> flags(static_cast<size_t>(num_experts > 0 ? num_experts : 1));
-    call(ids, out, sim, valid, with_flags ? flags.data() : nullptr);
-    const int err = static_cast<int>(cudaGetLastError());
-    if (err != 0) write_message(msg, msg_len, emu::last_error());
-    if (inplace && err == 0 && result != ids && n_ids > 0) std::memcpy(result, ids, n_ids * id_bytes(id_type));
-    return err;
+  if (guard != 1 && guard != 2) {
+    write_message(msg, msg_len, "guard must be 1 (after each buffer) or 2 (before it)");
+    return static_cast<int>(cudaErrorInvalidValue);
   }
+  const bool shapes_ok = num_tokens >= 0 && num_tokens <= (int64_t{1} << 31) && top_k >= 0 && top_k <= 1024 &&
+                         num_experts >= 0 && num_experts <= 4096;
+  const size_t n_tokens = shapes_ok ? static_cast<size_t>(num_tokens) : 0;
+  const size_t n_ids = n_tokens * (shapes_ok ? static_cast<size_t>(top_k) : 0);
+  const size_t n_experts = shapes_ok ? static_cast<size_t>(num_experts) : 0;
   void* g_ids = guarded_copy("ids", ids, n_ids * id_bytes(id_type), guard);
   void* g_out = inplace ? g_ids : guarded_copy("out", result, n_ids * id_bytes(id_type), guard);
-  void* g_sim = guarded_copy("sim", sim, n_sim * sim_bytes(sim_type), guard);
-  void* g_valid = valid == nullptr ? nullptr : guarded_copy("valid", valid, static_cast<size_t>(num_tokens), guard);
-  void* g_flags = with_flags ? guarded_copy("flags", nullptr, static_cast<size_t>(num_experts), guard) : nullptr;
+  void* g_sim = guarded_copy("sim", sim, n_experts * n_experts * sim_bytes(sim_type), guard);
+  void* g_valid = valid == nullptr ? nullptr : guarded_copy("valid", valid, n_tokens, guard);
+  void* g_flags = with_flags ? guarded_copy("flags", nullptr, n_experts, guard) : nullptr;
   if (g_ids == nullptr || g_out == nullptr || g_sim == nullptr || (valid != nullptr && g_valid == nullptr) ||
       (with_flags && g_flags == nullptr)) {
     release_all();
