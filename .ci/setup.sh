@@ -7,7 +7,7 @@ VENV=${SERE_VENV:-.venv}
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then FLAVOUR=cuda; else FLAVOUR=cpu; fi
-stamp_key=$( (cat pyproject.toml .ci/setup.sh; echo "$FLAVOUR") | sha256sum | cut -c1-16)
+stamp_key=$( (cat pyproject.toml setup.py MANIFEST.in .ci/setup.sh; echo "$FLAVOUR") | sha256sum | cut -c1-16)
 stamp="$VENV/.sere-setup-$stamp_key"
 if [ -f "$stamp" ]; then
   exit 0

@@ -3,7 +3,7 @@ faithful re-implementation of the paper's all-in-memory method, on the same toke
 
 The paper's method: one forward pass over all calibration text with every MoE layer's input kept,
 then for each layer every expert's output for every token held at once ([E, N, H]) and the pairwise
-Frobenius distances computed from it. Ours streams shards through two actor pools (sere_dist.calibration).
+Frobenius distances computed from it. Ours streams shards through two actor pools (sere_dist.calibration.pipeline).
 
 Each case runs in a fresh subprocess so its peak RSS is its own. Usage:
 
@@ -35,9 +35,9 @@ def paper_method(model_dir: str, num_samples: int, seq_len: int) -> dict:
     """All calibration tokens in one forward; all expert outputs of a layer in memory at once."""
     import torch
 
-    from sere_dist.capture import expert_outputs, layer_inputs, load_model, moe_blocks, tokenize_texts
-    from sere_dist.corpus import split_corpus, stdlib_documents
-    from sere_dist.similarity import _finish
+    from sere_dist.calibration.capture import expert_outputs, layer_inputs, load_model, moe_blocks, tokenize_texts
+    from sere_dist.calibration.corpus import split_corpus, stdlib_documents
+    from sere_dist.core.similarity import _finish
 
     t0 = time.time()
     model, tok = load_model(model_dir)
@@ -60,7 +60,7 @@ def paper_method(model_dir: str, num_samples: int, seq_len: int) -> dict:
 def ray_method(model_dir: str, num_samples: int, seq_len: int, workers: int, out: str) -> dict:
     import ray
 
-    from sere_dist.calibration import CalibrationJob, prepare, run
+    from sere_dist.calibration.pipeline import CalibrationJob, prepare, run
 
     prep = prepare(CalibrationJob(model=model_dir, out=out, num_samples=num_samples, seq_len=seq_len,
                                   batch_size=8, num_workers=workers, cpus_per_worker=0.5, overwrite=True))
@@ -100,8 +100,8 @@ def main() -> int:
 
     import torch
 
-    from sere_dist.plots import line_plot
-    from sere_dist.tiny import TinySpec, write_checkpoint
+    from sere_dist.calibration.report import line_plot
+    from sere_dist.models.tiny import TinySpec, write_checkpoint
 
     spec = (TinySpec(family="qwen3_moe", hidden_size=128, num_layers=2, num_experts=16, top_k=4)
             if a.quick else

@@ -25,12 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sere_dist import baselines as bl
-from sere_dist.capture import calibrate, load_model, moe_blocks, tokenize_texts
-from sere_dist.config import SereConfig
-from sere_dist.corpus import split_corpus, stdlib_documents
-from sere_dist.fidelity import RoutingPatch, evaluate, identity_transform, record_transform, sere_transform
-from sere_dist.tiny import DATA_DIR, TinySpec, build_model
+from sere_dist.eval import baselines as bl
+from sere_dist.calibration.capture import load_model, moe_blocks, tokenize_texts
+from sere_dist.calibration.pipeline import calibrate
+from sere_dist.core.config import SereConfig
+from sere_dist.calibration.corpus import split_corpus, stdlib_documents
+from sere_dist.eval.fidelity import RoutingPatch, evaluate, identity_transform, record_transform, sere_transform
+from sere_dist.models.tiny import DATA_DIR, TinySpec, build_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("sere", "top_s", "naee", "static_prune", "random", "oea", "xshare")

@@ -4,9 +4,9 @@
 
 For every T in {1, 8, 64, 256, 1024, 4096}, E in {60, 64, 128, 256}, k in {4, 6, 8} (S = 2, rho = 0.3,
 int32 ids as vLLM's router returns them, float32 similarity, every token valid) it times
-  torch_ref: `sere_dist.reroute.reroute(..., with_stats=False)`  (per-batch table, O(E^2 + T*k))
-  scan:      `sere_dist.reroute.per_slot_scan`                   (paper's kernel shape, O(T*(k-S)*E))
-  native:    `sere_dist.native.reroute_fast`, C++ kernel incl. the Python dispatch
+  torch_ref: `sere_dist.core.reroute.reroute(..., with_stats=False)`  (per-batch table, O(E^2 + T*k))
+  scan:      `sere_dist.core.reroute.per_slot_scan`                   (paper's kernel shape, O(T*(k-S)*E))
+  native:    `sere_dist.core.native.reroute_fast`, C++ kernel incl. the Python dispatch
   native_op: `torch.ops.sere_dist.reroute` called directly
 as the median of repeated wall-clock calls, checks that all three give the same ids, prints a table
 and writes JSON. Routing ids are skewed toward low expert ids, so a batch shares experts as real ones do.
@@ -28,8 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sere_dist import native  # noqa: E402
-from sere_dist.reroute import per_slot_scan, reroute  # noqa: E402
+from sere_dist.core import native  # noqa: E402
+from sere_dist.core.reroute import per_slot_scan, reroute  # noqa: E402
 
 TS = (1, 8, 64, 256, 1024, 4096)
 ES = (60, 64, 128, 256)

@@ -4,8 +4,8 @@
 
 Part 1, kernels. For T in {1, 8, 64, 256, 1024, 4096}, E in {60, 64, 128, 256}, k in {4, 6, 8} (S = 2,
 rho = 0.3, int32 ids, float32 sim) the median time per call, with CUDA events, of
-  torch_ref      `sere_dist.reroute.reroute(..., with_stats=False)` (the per-batch table in torch)
-  torch_scan     `sere_dist.reroute.per_slot_scan` (the paper's algorithm in torch)
+  torch_ref      `sere_dist.core.reroute.reroute(..., with_stats=False)` (the per-batch table in torch)
+  torch_scan     `sere_dist.core.reroute.per_slot_scan` (the paper's algorithm in torch)
   native         `torch.ops.sere_dist.reroute` (our fused kernel, new output tensor)
   copy+native_   ids copied to a scratch buffer, then `sere_dist::reroute_` in place
   copy+per_slot_ ids copied to a scratch buffer, then `sere_dist::per_slot_scan_`: the paper's CUDA kernel
@@ -37,8 +37,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sere_dist import native  # noqa: E402
-from sere_dist.reroute import per_slot_scan, reroute  # noqa: E402
+from sere_dist.core import native  # noqa: E402
+from sere_dist.core.reroute import per_slot_scan, reroute  # noqa: E402
 
 TS = (1, 8, 64, 256, 1024, 4096)
 ES = (60, 64, 128, 256)

@@ -28,8 +28,8 @@ def _cluster_artifact(ckpt: Path, out: Path) -> Path:
     import torch
     from transformers import AutoConfig
 
-    from sere_dist.artifact import SimilarityArtifact, model_fingerprint
-    from sere_dist.tiny import planted_clusters
+    from sere_dist.core.artifact import SimilarityArtifact, model_fingerprint
+    from sere_dist.models.tiny import planted_clusters
 
     fp = model_fingerprint(AutoConfig.from_pretrained(str(ckpt)))
     mats = {i: torch.where(torch.tensor(lab)[:, None] == torch.tensor(lab)[None, :], 1.0, 0.1)
@@ -53,9 +53,9 @@ def main() -> None:
 
     from vllm import LLM, SamplingParams
 
-    from sere_dist.engine import engine_kwargs
-    from sere_dist.tiny import TinySpec, write_checkpoint
-    from sere_dist.vllm_plugin import sere_control, sere_stats
+    from sere_dist.engine.args import engine_kwargs
+    from sere_dist.models.tiny import TinySpec, write_checkpoint
+    from sere_dist.engine.stats import sere_control, sere_stats
 
     wd = Path(args.workdir)
     spec = TinySpec(family="qwen3_moe", hidden_size=args.hidden, num_layers=args.layers, num_heads=8,

@@ -1,12 +1,12 @@
 """All-to-all traffic vs expert-parallel size, on routing traces recorded from the trained tiny model.
 
 1. Record: run the trained tiny Qwen3-MoE (16 experts, top-4) on held-out text with decode batches
-   simulated by `sere_dist.fidelity.RoutingPatch` (one group = the tokens of `--local-batch`
+   simulated by `sere_dist.eval.fidelity.RoutingPatch` (one group = the tokens of `--local-batch`
    sequences at one position); save the pre-re-routing ids/weights per layer to
    benchmarks/results/traces_trained.pt.
 2. Replay: for EP size R, one decode step is R consecutive groups, one per data-parallel rank (each
    rank's router sees only its own local batch, so SERE picks primaries per rank), experts placed
-   linearly. Count, per MoE layer and step, with `sere_dist.traffic`: no re-routing, the paper's rule,
+   linearly. Count, per MoE layer and step, with `sere_dist.eval.traffic`: no re-routing, the paper's rule,
    and the rank-aware rule (`expert_ranks=expert_ranks_for(E, R, "linear")`).
 
 3. Fidelity of the rank-aware choice: top-1 agreement / KL of the paper rule vs the rank-aware rule
@@ -35,12 +35,13 @@ import torch
 
 from bench_fidelity import heldout_tokens
 
-from sere_dist.capture import calibrate, load_model, tokenize_texts
-from sere_dist.corpus import split_corpus, stdlib_documents
-from sere_dist.fidelity import RoutingPatch, active_experts, evaluate, record_transform
-from sere_dist.reroute import expert_ranks_for, reroute
-from sere_dist.tiny import DATA_DIR
-from sere_dist.traffic import Wire, compare_rerouting
+from sere_dist.calibration.capture import load_model, tokenize_texts
+from sere_dist.calibration.pipeline import calibrate
+from sere_dist.calibration.corpus import split_corpus, stdlib_documents
+from sere_dist.eval.fidelity import RoutingPatch, active_experts, evaluate, record_transform
+from sere_dist.core.reroute import expert_ranks_for, reroute
+from sere_dist.models.tiny import DATA_DIR
+from sere_dist.eval.traffic import Wire, compare_rerouting
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BACKENDS = ("deepep_high_throughput", "deepep_low_latency", "allgather_reducescatter")

@@ -48,7 +48,7 @@ t0=$(date +%s)
 if "$PY" - <<'PY' 2>&1 | tee "$OUT/build.log"; then :; else fail "extension build"; fi
 import logging, sys
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-from sere_dist import native
+from sere_dist.core import native
 cpu, cuda = native.backend("cpu"), native.backend("cuda")
 print(f"backend cpu={cpu} cuda={cuda} library={native._state['library']}")
 if (cpu, cuda) != ("cpp", "cuda"):

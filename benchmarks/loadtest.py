@@ -34,7 +34,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from sere_dist.loadgen import (Arm, build_schedule, cluster_endpoint, load_prompts, parse_slo, plot_cdfs,
+from sere_dist.eval.loadgen import (Arm, build_schedule, cluster_endpoint, load_prompts, parse_slo, plot_cdfs,
                                plot_tpot_vs_qps, print_table, run_local, run_on_ray, spread_actors,
                                summarize_arms)
 
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
                    help="with --driver ray: deploy the sere_dist app (SERE on and off) on the joined cluster first, "
                         "test it, then delete it (the `ray job submit` all-in-one)")
     p.add_argument("--serve-config", default=None,
-                   help="with --self-hosted/--deploy: JSON file of sere_dist.serving arguments (default: embedded "
+                   help="with --self-hosted/--deploy: JSON file of sere_dist.serve.app arguments (default: embedded "
                         "tiny model)")
     p.add_argument("--port", type=int, default=8302, help="with --self-hosted: HTTP port")
     p.add_argument("--qps", nargs="+", type=float, default=[2.0], help="offered loads to sweep (inf = all at once)")
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
 
     serve_args = model = None
     if args.self_hosted or args.deploy:
-        from sere_dist.serving import DEFAULT_ARGS
+        from sere_dist.serve.config import DEFAULT_ARGS
         serve_args = json.loads(Path(args.serve_config).read_text()) if args.serve_config else dict(DEFAULT_ARGS)
         serve_args["baseline"] = True
         serve_args.setdefault("engine", {}).setdefault("max_model_len", 256)
@@ -133,7 +133,8 @@ def deploy(serve_args: dict, model: str, port: int) -> list[Arm]:
     """Deploy the sere_dist app on the joined cluster (HTTP on this node) and wait for both models."""
     from ray import serve
 
-    from sere_dist.serving import build_app, wait_ready
+    from sere_dist.serve import build_app
+    from sere_dist.serve.endpoint import wait_ready
 
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(serve_args), name="loadtest", route_prefix="/")

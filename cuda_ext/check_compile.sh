@@ -6,7 +6,7 @@
 #      and with the guarded CUDA wrapper (SERE_WITH_CUDA) against torch's c10/cuda headers. A CPU torch
 #      ships those headers but not the generated cuda_cmake_macros.h, which C10_CUDA_NO_CMAKE_CONFIGURE_FILE
 #      skips (it only holds Windows export macros).
-# Nothing is linked (that needs a CUDA torch); `sere_dist.native` builds and links on first use.
+# Nothing is linked (that needs a CUDA torch); `sere_dist.core.native` builds and links on first use.
 # Usage: cuda_ext/check_compile.sh   (env: PYTHON, NVCC, CUDA_HOME, CXX, SERE_CHECK_ARCHS="80 90")
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,7 +1,7 @@
 // SERE re-routing kernels: the contract shared by the C++ CPU kernel, the CUDA kernel and the torch
 // wrapper. This header has no torch and no CUDA includes, so the CUDA core compiles standalone.
 //
-// Operation (DESIGN.md, "The method, precisely"), for ids [T, k] ordered by router weight:
+// Operation (ARCHITECTURE.md, "Re-routing rules"), for ids [T, k] ordered by router weight:
 //   primary  = { ids[t, j] : valid[t], j < S }
 //   table[e] = e                      if e is primary, or no primary p has sim[e, p] >= rho
 //            = argmax_p sim[e, p]     over primaries p (lowest id on ties), otherwise

@@ -14,17 +14,18 @@ def _demo(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from .capture import calibrate, tokenize_texts
-    from .config import SereConfig
-    from .corpus import split_corpus, stdlib_documents
-    from .fidelity import evaluate, sere_transform
-    from .tiny import TinySpec, build_model
+    from sere_dist.calibration.capture import tokenize_texts
+    from sere_dist.calibration.pipeline import calibrate
+    from sere_dist.core.config import SereConfig
+    from sere_dist.calibration.corpus import split_corpus, stdlib_documents
+    from sere_dist.eval.fidelity import evaluate, sere_transform
+    from sere_dist.models.tiny import TinySpec, build_model
 
     torch.manual_seed(0)
     t0 = time.time()
     if args.kind == "trained":
-        from .capture import load_model
-        from .train import TRAINED_DIR, TRAINED_SPEC as spec
+        from sere_dist.calibration.capture import load_model
+        from sere_dist.models.train import TRAINED_DIR, TRAINED_SPEC as spec
         print(f"[1/3] loading the trained tiny {spec.family} model ({TRAINED_DIR}): {spec.num_layers} MoE layers, "
               f"{spec.num_experts} experts, top-{spec.top_k}")
         model, tok = load_model(TRAINED_DIR)
@@ -63,7 +64,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _make_model(args: argparse.Namespace) -> int:
-    from .tiny import TinySpec, write_checkpoint
+    from sere_dist.models.tiny import TinySpec, write_checkpoint
 
     spec = TinySpec(family=args.family, hidden_size=args.hidden, num_layers=args.layers, num_experts=args.experts,
                     top_k=args.top_k, expert_intermediate=args.intermediate, seed=args.seed)
@@ -73,7 +74,7 @@ def _make_model(args: argparse.Namespace) -> int:
 
 
 def _train_tiny(args: argparse.Namespace) -> int:
-    from .train import TRAINED_DIR, train
+    from sere_dist.models.train import TRAINED_DIR, train
 
     res = train(Path(args.out) if args.out else TRAINED_DIR, steps=args.steps)
     print(f"held-out perplexity {res['heldout_ppl']:.2f} on {res['heldout_tokens']} tokens "
@@ -82,68 +83,83 @@ def _train_tiny(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    """`sere calibrate` and `calibration_jobs/calibrate.py` (= `sere calibrate --ray`): one pipeline.
 
-    from .artifact import ArtifactError
-    from .capture import calibrate, load_model, tokenize_texts
-    from .corpus import split_corpus, stdlib_documents
+    With --ray it joins --address or $RAY_ADDRESS (set inside `ray job submit`), else starts a private
+    local Ray instance; without it the same stages run in this process.
+    """
+    import os
 
+    from sere_dist.calibration.pipeline import CalibrationJob, prepare, run
+    from sere_dist.calibration.report import stats_table, summary_line
+
+    job = CalibrationJob(model=str(Path(args.model).resolve()), out=str(Path(args.out).resolve()), data=args.data,
+                         text_column=args.text_column, split=args.split, metric=args.metric,
+                         num_samples=args.num_samples, seq_len=args.seq_len, keep_longer_only=not args.keep_short,
+                         shuffle=args.shuffle, seed=args.seed, batch_size=args.batch_size,
+                         num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker,
+                         actor_start_timeout_s=args.actor_start_timeout_s, cka_tokens=args.cka_tokens,
+                         overwrite=args.overwrite, dtype=args.dtype)
+    prep = prepare(job)
+    fp = prep.fingerprint
+    print(f"calibrate: {prep.tokens.shape[0]} sequences x {prep.tokens.shape[1]} tokens from {prep.source}; "
+          f"{len(fp.moe_layers)} MoE layers x {fp.num_experts} experts; metric {job.metric}; "
+          f"{'Ray Data' if args.ray else 'this process'}", flush=True)
     if args.ray:
-        return _calibrate_ray(args)
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise ArtifactError(f"output {out} exists; pass --overwrite to replace it")
-    model, tok = load_model(args.model)
-    texts = split_corpus(stdlib_documents())[0] if args.data is None else _read_texts(args.data)
-    toks = tokenize_texts(tok, texts, args.seq_len, args.num_samples)
-    art = calibrate(model, toks, metric=args.metric, batch_size=args.batch_size,
-                    progress=lambda it: tqdm(it, desc="calibrate", unit="batch"))
-    art.save(out, overwrite=args.overwrite)
-    print(f"wrote {out} ({len(art.matrices)} layers, {art.tokens} tokens, {args.metric})")
-    return 0
+        import ray
 
-
-def _calibrate_ray(args: argparse.Namespace) -> int:
-    """`sere calibrate --ray`: the Ray Data pipeline on a private local Ray instance (or --address)."""
-    import ray
-
-    from .calibration import CalibrationJob, prepare, run, stats_table, summary_line
-
-    prep = prepare(CalibrationJob(model=str(Path(args.model).resolve()), out=str(Path(args.out).resolve()),
-                                  data=args.data, metric=args.metric, num_samples=args.num_samples,
-                                  seq_len=args.seq_len, batch_size=args.batch_size, num_workers=args.num_workers,
-                                  actor_start_timeout_s=args.actor_start_timeout_s, overwrite=args.overwrite))
-    if args.address:
-        ray.init(address=args.address)
+        address = args.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address)
+        else:
+            ray.init(address="local", num_cpus=max(2, int(2 * job.num_workers * job.cpus_per_worker + 1)),
+                     object_store_memory=300 * 1024**2, include_dashboard=False)
+        try:
+            res = run(prep)
+        finally:
+            ray.shutdown()
     else:
-        ray.init(address="local", num_cpus=max(2, args.num_workers + 1), object_store_memory=300 * 1024**2,
-                 include_dashboard=False)
-    try:
-        res = run(prep)
-    finally:
-        ray.shutdown()
+        from tqdm import tqdm
+
+        res = run(prep, use_ray=False, progress=lambda it: tqdm(it, desc="calibrate", unit="batch"))
     print(stats_table(res.artifact.matrices), end="")
-    print(summary_line(res))
+    print(summary_line(res), flush=True)
     return 0
 
 
-def _read_texts(path: str) -> list[str]:
-    import datasets
+def add_calibration_options(c: argparse.ArgumentParser) -> None:
+    """The options of `sere calibrate` (also those of the Ray job script, which forwards here)."""
+    from sere_dist.core.config import METRICS
 
-    p = Path(path)
-    if p.suffix in (".jsonl", ".json"):
-        ds = datasets.load_dataset("json", data_files=str(p), split="train")
-    elif p.suffix == ".parquet":
-        ds = datasets.load_dataset("parquet", data_files=str(p), split="train")
-    else:
-        ds = datasets.load_from_disk(str(p))
-    if "text" not in ds.column_names:
-        raise ValueError(f"{path} has no 'text' column (columns: {ds.column_names})")
-    return list(ds["text"])
+    c.add_argument("--model", required=True, help="local checkpoint directory (transformers layout)")
+    c.add_argument("--out", required=True, help="artifact directory to write")
+    c.add_argument("--data", help=".jsonl/.json/.parquet with a text column, a datasets directory, or a hub "
+                                  "dataset name (default: Python stdlib text shipped with every machine)")
+    c.add_argument("--text-column", default="text")
+    c.add_argument("--split", default="train")
+    c.add_argument("--metric", default="frobenius", help=f"one of {', '.join(METRICS)}")
+    c.add_argument("--num-samples", type=int, default=64, help="calibration sequences")
+    c.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    c.add_argument("--keep-short", action="store_true",
+                   help="also use texts not longer than --seq-len (padded); the paper keeps only longer ones")
+    c.add_argument("--shuffle", action="store_true", help="shuffle texts with --seed before picking")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (per-worker memory)")
+    c.add_argument("--cka-tokens", type=int, default=512, help="token sample size for the CKA metrics")
+    c.add_argument("--dtype", default="float32")
+    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--ray", action="store_true", help="run the stages as a Ray Data job (actor pools on the cluster)")
+    c.add_argument("--num-workers", type=int, default=2, help="with --ray: actors per pipeline stage")
+    c.add_argument("--cpus-per-worker", type=float, default=0.5, help="with --ray: CPUs of each actor")
+    c.add_argument("--actor-start-timeout-s", type=float, default=600.0,
+                   help="with --ray: fail with a clear error if a stage's actors are not all up by then")
+    c.add_argument("--address", help="with --ray: Ray cluster to join (default: $RAY_ADDRESS, else a private "
+                                     "local instance)")
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .serving import DEFAULT_ARGS, load_yaml_args, serve_forever
+    from sere_dist.serve.config import DEFAULT_ARGS, load_yaml_args
+    from sere_dist.serve.endpoint import serve_forever
 
     if args.config:
         app_args, http = load_yaml_args(args.config)
@@ -155,7 +171,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _serve_demo(args: argparse.Namespace) -> int:
-    from .serving import load_yaml_args, run_demo
+    from sere_dist.serve.config import load_yaml_args
+    from sere_dist.serve.demo import run_demo
 
     config = load_yaml_args(args.config)[0] if args.config else None
     run_demo(port=args.port, requests=args.requests, max_tokens=args.max_tokens, rounds=args.rounds,
@@ -199,20 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=600)
     t.set_defaults(fn=_train_tiny)
 
-    c = sub.add_parser("calibrate", help="single-process calibration (see calibration_jobs/ for the Ray job)")
-    c.add_argument("--model", required=True)
-    c.add_argument("--data", help="jsonl/parquet with a text column, or a datasets directory (default: stdlib text)")
-    c.add_argument("--out", required=True)
-    c.add_argument("--metric", default="frobenius")
-    c.add_argument("--num-samples", type=int, default=64)
-    c.add_argument("--seq-len", type=int, default=128)
-    c.add_argument("--batch-size", type=int, default=8)
-    c.add_argument("--overwrite", action="store_true")
-    c.add_argument("--ray", action="store_true", help="run the Ray Data pipeline (sere_dist.calibration) instead")
-    c.add_argument("--num-workers", type=int, default=2, help="with --ray: actors per pipeline stage")
-    c.add_argument("--actor-start-timeout-s", type=float, default=600.0,
-                   help="with --ray: fail if a stage's actors are not all up by then")
-    c.add_argument("--address", help="with --ray: Ray cluster to join (default: a private local instance)")
+    c = sub.add_parser("calibrate", help="similarity artifact of a checkpoint (in this process, or --ray: a Ray "
+                                         "Data job; calibration_jobs/calibrate.py is `sere calibrate --ray`)")
+    add_calibration_options(c)
     c.set_defaults(fn=_calibrate)
 
     sv = sub.add_parser("serve", help="serve the OpenAI-compatible endpoint (Ray Serve LLM + vLLM + SERE) until Ctrl-C")
@@ -234,12 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    from .artifact import ArtifactError
-    from .calibration import ActorStartError
-    from .config import SereConfigError
+    from sere_dist.calibration.pipeline import ActorStartError
+    from sere_dist.core.config import ConfigError
     try:
         return args.fn(args)
-    except (ArtifactError, SereConfigError, ValueError) as exc:
+    except (ConfigError, ValueError) as exc:       # every config, artifact and input check
         print(f"sere {args.cmd}: error: {exc}", file=sys.stderr)
         return 2
     except ActorStartError as exc:

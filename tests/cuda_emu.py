@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from sere_dist import native
+from sere_dist.core import native
 
 SRC = Path(__file__).resolve().parents[1] / "cuda_ext"
 SOURCES = ("emu/sere_reroute_emu.cpp", "emu/cuda_emu.h", "sere_reroute_kernels.cuh", "sere_reroute.h")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from tests import cuda_emu
-from tests.test_native import expected, random_case
+from tests.support import expected, random_case
 
 # name -> (text in sere_reroute_kernels.cuh, replacement, what it breaks)
 MUTATIONS = {

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from sere_dist import artifact as art_mod
-from sere_dist.artifact import ArtifactError, SimilarityArtifact, model_fingerprint
+from sere_dist.core import artifact as art_mod
+from sere_dist.core.artifact import ArtifactError, SimilarityArtifact, model_fingerprint
 
 FP = {"architecture": "Qwen3MoeForCausalLM", "model_type": "qwen3_moe", "num_experts": 4, "top_k": 2,
       "moe_layers": [0, 1], "hidden_size": 64, "num_hidden_layers": 2}

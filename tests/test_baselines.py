@@ -4,10 +4,10 @@ import math
 
 import torch
 
-from sere_dist.baselines import (naee_skip, naive_top_s, oea_piggyback, oea_transform, prune_least_used,
+from sere_dist.eval.baselines import (naee_skip, naive_top_s, oea_piggyback, oea_transform, prune_least_used,
                                  random_reroute, static_prune, usage_counts, xshare_budget, xshare_select)
-from sere_dist.fidelity import RoutingPatch, active_experts, evaluate, identity_transform
-from sere_dist.tiny import TinySpec, build_model
+from sere_dist.eval.fidelity import RoutingPatch, active_experts, evaluate, identity_transform
+from sere_dist.models.tiny import TinySpec, build_model
 
 
 def logits_of(probs):

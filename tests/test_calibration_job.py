@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from sere_dist.artifact import ArtifactError, SimilarityArtifact
-from sere_dist.calibration import (HEATMAP_PNG, STATS_CSV, STATS_MD, ActorStartError, CalibrationJob, cka_positions,
-                                   prepare, run, stats_rows)
-from sere_dist.capture import calibrate, load_model
-from sere_dist.corpus import split_corpus, stdlib_documents, write_jsonl
-from sere_dist.tiny import TinySpec, planted_clusters, write_checkpoint
+from sere_dist.core.artifact import ArtifactError, SimilarityArtifact
+from sere_dist.calibration.pipeline import ActorStartError, CalibrationJob, cka_positions, prepare, run
+from sere_dist.calibration.report import HEATMAP_PNG, STATS_CSV, STATS_MD, stats_rows
+from sere_dist.calibration.capture import load_model
+from sere_dist.calibration.pipeline import calibrate
+from sere_dist.calibration.corpus import split_corpus, stdlib_documents, write_jsonl
+from sere_dist.models.tiny import TinySpec, planted_clusters, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -90,7 +91,7 @@ def cluster_runs(models, tmp_path_factory):
 
 
 def _single_process(model_dir, metric, num_samples, seq_len, cka_tokens=512):
-    from sere_dist.capture import tokenize_texts
+    from sere_dist.calibration.capture import tokenize_texts
     model, tok = load_model(model_dir)
     toks = tokenize_texts(tok, split_corpus(stdlib_documents())[0], seq_len, num_samples)
     return calibrate(model, toks, metric=metric, cka_tokens=cka_tokens)

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from sere_dist.config import SereConfig, SereConfigError
+from sere_dist.core.config import SereConfig, SereConfigError
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -50,3 +50,51 @@ def test_round_trip_through_a_plain_dict():
 def test_unknown_top_level_key_is_refused():
     with pytest.raises(SereConfigError, match="unknown field"):
         SereConfig.from_dict({"select_top_k": 1, "rh0": 0.2})
+
+
+# --- typed configs: wrong types are refused, not coerced, in one line naming the field ---------------
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"enabled": "no"}, r"sere.enabled='no': .*use true or false"),
+    ({"select_top_k": "2"}, r"sere.select_top_k='2': .*use an integer"),
+    ({"threshold": "0.3"}, r"sere.threshold='0.3': .*use a number"),
+    ({"layers": [1, 2]}, r"sere.layers=\[1, 2\]: is a list; use a mapping"),
+    ({"layers": {"1": {"select_top_k": True}}}, r"sere.layers\[1\].select_top_k=True"),
+    ({"artifact": 3}, r"sere.artifact=3: .*use a string"),
+])
+def test_wrong_types_are_refused_with_the_field_and_the_fix(kwargs, message):
+    with pytest.raises(SereConfigError, match=message) as info:
+        SereConfig.from_dict(kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_layer_keys_from_json_are_integers():
+    assert SereConfig.from_dict({"layers": {"3": {"select_top_k": 1}}}).for_layer(3) == (1, 0.3)
+
+
+def test_serving_arguments_refuse_wrong_types_and_unknown_keys():
+    from sere_dist.serve.config import ServeArgs, ServingConfigError
+
+    for args, message in [({"cpus_per_worker": -1}, r"cpus_per_worker must be > 0, got -1"),
+                          ({"engine": ["max_model_len", 256]}, r"engine=.*is a list; use a mapping"),
+                          ({"baseline": "yes"}, r"baseline='yes': .*use true or false"),
+                          ({"accelerator": "tpu"}, r"accelerator='tpu': .*use one of cpu or gpu"),
+                          ({"replicas": 2}, r"unknown serving argument\(s\) \['replicas'\]; allowed: accelerator")]:
+        with pytest.raises(ServingConfigError, match=message):
+            ServeArgs.from_dict(args)
+    with pytest.raises(SereConfigError, match=r"sere.enabled='no'"):
+        ServeArgs.from_dict({"sere": {"enabled": "no"}})
+    assert ServeArgs.from_dict({"sere": None}).sere is None
+    assert ServeArgs.from_dict({}).sere == SereConfig(artifact="default", select_top_k=2, threshold=0.3)
+
+
+def test_calibration_job_names_the_command_line_option():
+    from sere_dist.calibration.pipeline import CalibrationJob
+    from sere_dist.core.config import ConfigError
+
+    for kwargs, message in [({"num_samples": 0}, r"--num-samples must be >= 1, got 0"),
+                            ({"cpus_per_worker": -1}, r"--cpus-per-worker must be > 0, got -1"),
+                            ({"num_workers": "2"}, r"--num-workers='2': .*use an integer"),
+                            ({"dtype": "int8"}, r"--dtype='int8': .*use one of float32, bfloat16 or float16")]:
+        with pytest.raises(ConfigError, match=message):
+            CalibrationJob(model="m", out="o", **kwargs)

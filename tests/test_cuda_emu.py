@@ -18,7 +18,7 @@ import torch
 
 from tests import cuda_emu
 from tests.cuda_emu_mutations import try_mutation
-from tests.test_native import SIM_DTYPES, expected, random_case
+from tests.support import SIM_DTYPES, expected, random_case
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                                 reason="no C++ compiler")

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from sere_dist.loadgen import (Arm, RequestRecord, arrival_times, build_schedule, cluster_endpoint, parse_slo,
+from sere_dist.eval.loadgen import (Arm, RequestRecord, arrival_times, build_schedule, cluster_endpoint, parse_slo,
                                random_token_prompts, run_on_ray, spread_actors, summarize, summarize_arms, tpot_s)
 
 

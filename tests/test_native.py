@@ -1,11 +1,10 @@
 """The native re-routing kernels give bit-identical ids to the torch reference, and dispatch falls back cleanly.
 
-The reference is `sere_dist.reroute.reroute` with the similarity widened to float32 (DESIGN.md: compared
+The reference is `sere_dist.core.reroute.reroute` with the similarity widened to float32 (ARCHITECTURE.md: compared
 in float32). Random cases are drawn fresh per seed; coarse similarity levels create ties, and rho values on
 those levels create ties with the threshold.
 """
 
-import math
 import os
 import random
 import subprocess
@@ -15,15 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from sere_dist import native
-from sere_dist.reroute import reroute
-from tests.naive import naive_paper
+from sere_dist.core import native
+from sere_dist.core.reroute import reroute
+from tests.support import SIM_DTYPES, assert_same, expected, naive_paper, random_case
 
 REPO = Path(__file__).resolve().parents[1]
-E_CHOICES = (1, 2, 7, 31, 33, 60, 64, 97, 128, 160, 256, 300, 511, 512)
-SIM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     # small torch ops with an OpenMP team slow down 10-20x when other processes share the cores
@@ -40,50 +35,6 @@ def op():
     if not native.load_extension():
         pytest.fail(f"the native extension did not build: {native.extension_error()}")
     return torch.ops.sere_dist
-
-
-def random_case(rng: random.Random, max_t: int = 4096, device: str = "cpu"):
-    e = rng.choice(E_CHOICES) if rng.random() < 0.5 else rng.randint(1, 512)
-    k = rng.randint(1, min(16, e))
-    s = k if rng.random() < 0.15 else rng.randint(1, k)
-    t = min(max_t, int(math.exp(rng.uniform(0, math.log(max_t + 1)))))
-    if rng.random() < 0.03:
-        t = 0
-    g = torch.Generator().manual_seed(rng.randrange(2**31))
-    levels = rng.choice([4, 10, 1000, 0])  # 0: continuous values
-    if levels:
-        sim = torch.randint(0, levels + 1, (e, e), generator=g).float() / levels
-    else:
-        sim = torch.rand(e, e, generator=g)
-    if rng.random() < 0.5:
-        sim = torch.maximum(sim, sim.t()).fill_diagonal_(1.0)
-    rho = rng.choice([0.0, 1.0, 0.3, 0.5, 0.75, rng.random()])
-    if levels and rng.random() < 0.3:
-        rho = rng.randint(0, levels) / levels  # exactly on a level: ties with the threshold
-    if rng.random() < 0.8:  # k distinct ids, skewed so batches share experts
-        logits = torch.randn(t, e, generator=g) - torch.linspace(0, rng.uniform(0, 6), e)
-        ids = logits.topk(k, dim=1).indices
-    else:  # repeats inside a token are legal input too
-        ids = torch.randint(0, e, (t, k), generator=g)
-    ids = ids.to(rng.choice([torch.int32, torch.int64]))
-    r = rng.random()
-    valid = None if r < 0.4 else torch.rand(t, generator=g) > rng.choice([0.1, 0.5, 0.9, 1.0])
-    sim_dtype = rng.choice(SIM_DTYPES)
-    sim = sim.to(sim_dtype)
-    return (ids.to(device), sim.to(device), s, rho, None if valid is None else valid.to(device))
-
-
-def expected(ids, sim, s, rho, valid):
-    ids, sim = ids.cpu(), sim.cpu().float()
-    return reroute(ids, sim, s, rho, None if valid is None else valid.cpu(), with_stats=False)[0]
-
-
-def assert_same(got, want, case):
-    ids, sim, s, rho, valid = case
-    detail = (f"T={ids.shape[0]} k={ids.shape[1]} E={sim.shape[0]} S={s} rho={rho} ids={ids.dtype} "
-              f"sim={sim.dtype} valid={'none' if valid is None else int(valid.sum())}")
-    assert got.dtype == ids.dtype and got.shape == ids.shape, detail
-    assert torch.equal(got.cpu(), want), detail
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -298,8 +249,8 @@ def _run_child(code: str, **env) -> subprocess.CompletedProcess:
 CHILD = """
 import logging, torch
 logging.basicConfig(level=logging.INFO)
-from sere_dist import native
-from sere_dist.reroute import reroute
+from sere_dist.core import native
+from sere_dist.core.reroute import reroute
 ids = torch.tensor([[0, 2], [1, 3]]); sim = torch.tensor([[1.0, 0.1, 0.8, 0.2], [0.1, 1.0, 0.3, 0.25],
                                                          [0.8, 0.3, 1.0, 0.0], [0.2, 0.25, 0.0, 1.0]])
 print("backend", native.backend("cpu"))

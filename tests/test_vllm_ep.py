@@ -8,16 +8,16 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from sere_dist.tiny import TinySpec, write_checkpoint  # noqa: E402
+from sere_dist.models.tiny import TinySpec, write_checkpoint  # noqa: E402
 
-from .test_vllm_plugin import PROMPTS, _close, _greedy, _make_llm, _random_artifact  # noqa: E402
+from tests.support import PROMPTS, close_llm, greedy, make_llm, random_artifact  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     d = tmp_path_factory.mktemp("vllm_ep")
     ckpt = write_checkpoint(d / "qwen3", TinySpec(family="qwen3_moe", num_experts=16, top_k=4), kind="random")
-    return ckpt, _random_artifact(ckpt, d / "sim")
+    return ckpt, random_artifact(ckpt, d / "sim")
 
 
 def _outputs(ckpt, art, **kw):
@@ -25,15 +25,15 @@ def _outputs(ckpt, art, **kw):
 
     With SERE on, a token's experts depend on the batch it shares, and how LLM.generate's requests
     fall into steps depends on timing; one prompt per step keeps the batches identical across runs."""
-    from sere_dist.vllm_plugin import sere_control
-    llm = _make_llm(ckpt, sere={"artifact": str(art), "select_top_k": 2, "threshold": 0.0}, **kw)
+    from sere_dist.engine.stats import sere_control
+    llm = make_llm(ckpt, sere={"artifact": str(art), "select_top_k": 2, "threshold": 0.0}, **kw)
     try:
         sere_control(llm, enabled=False)
-        off = _greedy(llm)
+        off = greedy(llm)
         sere_control(llm, enabled=True)
-        on = _greedy(llm, PROMPTS[:1], 24)
+        on = greedy(llm, PROMPTS[:1], 24)
     finally:
-        _close(llm)
+        close_llm(llm)
     return off, on
 
 

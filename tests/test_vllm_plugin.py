@@ -6,7 +6,6 @@ process tree (vLLM's EngineCore), started from the test process.
 
 from __future__ import annotations
 
-import gc
 import os
 
 import pytest
@@ -14,36 +13,16 @@ import torch
 
 vllm = pytest.importorskip("vllm")
 
-from sere_dist.artifact import ArtifactError, SimilarityArtifact, model_fingerprint  # noqa: E402
-from sere_dist.config import SereConfigError  # noqa: E402
-from sere_dist.engine import engine_kwargs  # noqa: E402
-from sere_dist.reroute import reroute  # noqa: E402
-from sere_dist.tiny import TinySpec, planted_clusters, write_checkpoint  # noqa: E402
+from sere_dist.core.artifact import ArtifactError, SimilarityArtifact, model_fingerprint  # noqa: E402
+from sere_dist.core.config import SereConfigError  # noqa: E402
+from sere_dist.engine.args import engine_kwargs  # noqa: E402
+from sere_dist.core.reroute import reroute  # noqa: E402
+from sere_dist.models.tiny import TinySpec, planted_clusters, write_checkpoint  # noqa: E402
+from tests.support import MAX_TOKENS, PROMPTS, close_llm, greedy, make_llm, random_artifact  # noqa: E402
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "auto")
 
-PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n", "class Parser:\n    def", "for i in range(10):"]
-MAX_TOKENS = 12
-
-
-def _greedy(llm, prompts=PROMPTS, n=MAX_TOKENS) -> list[list[int]]:
-    from vllm import SamplingParams
-    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True), use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in outs]
-
-
-def _random_artifact(ckpt, out, seed=0):
-    from transformers import AutoConfig
-    fp = model_fingerprint(AutoConfig.from_pretrained(str(ckpt)))
-    g = torch.Generator().manual_seed(seed)
-    mats = {}
-    for i in fp["moe_layers"]:
-        m = torch.rand(fp["num_experts"], fp["num_experts"], generator=g)
-        m = (m + m.t()) / 2
-        m.fill_diagonal_(1.0)
-        mats[i] = m
-    return SimilarityArtifact(matrices=mats, fingerprint=fp, metric="frobenius", tokens=0).save(out, overwrite=True)
 
 
 def _cluster_artifact(ckpt, out):
@@ -57,21 +36,6 @@ def _cluster_artifact(ckpt, out):
     return SimilarityArtifact(matrices=mats, fingerprint=fp, metric="frobenius", tokens=0).save(out, overwrite=True)
 
 
-def _make_llm(ckpt, sere=None, **kw):
-    from vllm import LLM
-    return LLM(**engine_kwargs(str(ckpt), sere=sere, max_model_len=256, seed=0,
-                               kv_cache_memory_bytes=64 * 1024**2, **kw))
-
-
-def _close(llm):
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:  # noqa: BLE001
-        pass
-    del llm
-    gc.collect()
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("vllm_plugin")
@@ -80,7 +44,7 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def qwen3(workdir):
     ckpt = write_checkpoint(workdir / "qwen3", TinySpec(family="qwen3_moe", num_experts=16, top_k=4), kind="random")
-    art = _random_artifact(ckpt, workdir / "qwen3-sim")
+    art = random_artifact(ckpt, workdir / "qwen3-sim")
     return ckpt, art
 
 
@@ -103,15 +67,15 @@ def test_sere_config_errors_name_the_field_before_the_engine_builds(qwen3, workd
 def test_bad_sere_config_stops_engine_start_naming_the_field(qwen3, bad, error, field):
     ckpt, art = qwen3
     with pytest.raises(error, match=field):
-        _make_llm(ckpt, sere={"artifact": str(art), **bad})
+        make_llm(ckpt, sere={"artifact": str(art), **bad})
 
 
 def test_artifact_for_another_model_or_with_nan_stops_engine_start(qwen3, workdir):
     ckpt, _ = qwen3
     other = write_checkpoint(workdir / "qwen3-e8", TinySpec(family="qwen3_moe", num_experts=8, top_k=4), kind="random")
-    wrong = _random_artifact(other, workdir / "e8-sim")
+    wrong = random_artifact(other, workdir / "e8-sim")
     with pytest.raises(ArtifactError, match="num_experts"):
-        _make_llm(ckpt, sere={"artifact": str(wrong)})
+        make_llm(ckpt, sere={"artifact": str(wrong)})
     nan_art = workdir / "nan-sim"
     good = SimilarityArtifact.load(qwen3[1])
     from safetensors.torch import load_file, save_file
@@ -124,7 +88,7 @@ def test_artifact_for_another_model_or_with_nan_stops_engine_start(qwen3, workdi
     save_file(tensors, str(nan_art / "similarity.safetensors"), metadata=meta)
     assert good.matrices  # the original stays valid
     with pytest.raises(ArtifactError, match="layer 1 matrix contains NaN"):
-        _make_llm(ckpt, sere={"artifact": str(nan_art)})
+        make_llm(ckpt, sere={"artifact": str(nan_art)})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -137,26 +101,26 @@ FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral"]
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_engine(request, workdir):
-    from sere_dist.vllm_plugin import sere_control
+    from sere_dist.engine.stats import sere_control
     fam = request.param
     kind = "planted" if fam == "qwen3_moe" else "random"
     ckpt = write_checkpoint(workdir / f"{fam}-{kind}", TinySpec(family=fam, num_experts=16, top_k=4), kind=kind)
     art = _cluster_artifact(ckpt, workdir / f"{fam}-sim") if kind == "planted" else \
-        _random_artifact(ckpt, workdir / f"{fam}-sim")
+        random_artifact(ckpt, workdir / f"{fam}-sim")
     rho = 0.5 if kind == "planted" else 0.0
-    llm = _make_llm(ckpt, sere={"artifact": str(art), "select_top_k": 2, "threshold": rho, "record": 64})
+    llm = make_llm(ckpt, sere={"artifact": str(art), "select_top_k": 2, "threshold": rho, "record": 64})
     sere_control(llm, enabled=False, reset=True)
-    plain = _greedy(llm)
+    plain = greedy(llm)
     yield {"family": fam, "llm": llm, "plain": plain, "sim": SimilarityArtifact.load(art).matrices, "rho": rho,
            "kind": kind}
-    _close(llm)
+    close_llm(llm)
 
 
 def test_s_equal_k_leaves_greedy_output_identical_to_plain_vllm(family_engine):
-    from sere_dist.vllm_plugin import sere_control, sere_stats
+    from sere_dist.engine.stats import sere_control, sere_stats
     llm = family_engine["llm"]
     sere_control(llm, enabled=True, select_top_k=4, reset=True)
-    assert _greedy(llm) == family_engine["plain"]
+    assert greedy(llm) == family_engine["plain"]
     stats = sere_stats(llm)
     assert sorted(stats) == [0, 1]
     for layer, st in stats.items():
@@ -165,7 +129,7 @@ def test_s_equal_k_leaves_greedy_output_identical_to_plain_vllm(family_engine):
 
 
 def test_run_time_control_refuses_s_above_k_and_bad_rho_and_keeps_serving(family_engine):
-    from sere_dist.vllm_plugin import sere_control
+    from sere_dist.engine.stats import sere_control
     llm = family_engine["llm"]
     if family_engine["family"] != "qwen3_moe":
         pytest.skip("one family is enough for the argument checks")
@@ -174,14 +138,14 @@ def test_run_time_control_refuses_s_above_k_and_bad_rho_and_keeps_serving(family
     with pytest.raises(SereConfigError, match=r"threshold=1.5 .*\[0, 1\]"):
         sere_control(llm, threshold=1.5)
     sere_control(llm, enabled=False)
-    assert _greedy(llm) == family_engine["plain"]         # nothing changed, the engine still answers
+    assert greedy(llm) == family_engine["plain"]         # nothing changed, the engine still answers
 
 
 def test_s_below_k_reroutes_exactly_as_the_reference_on_the_same_router_outputs(family_engine):
-    from sere_dist.vllm_plugin import sere_control, sere_records, sere_stats
+    from sere_dist.engine.stats import sere_control, sere_records, sere_stats
     llm, sim, rho = family_engine["llm"], family_engine["sim"], family_engine["rho"]
     sere_control(llm, enabled=True, select_top_k=2, reset=True)
-    _greedy(llm)
+    greedy(llm)
     stats, records = sere_stats(llm), sere_records(llm)
     for layer in (0, 1):
         expect = dict.fromkeys(("distinct_experts_before", "distinct_experts_after", "rerouted_slots", "tokens"), 0)
@@ -199,10 +163,10 @@ def test_s_below_k_reroutes_exactly_as_the_reference_on_the_same_router_outputs(
 
 
 def test_decode_phase_leaves_prefill_tokens_alone(family_engine):
-    from sere_dist.vllm_plugin import sere_control, sere_records, sere_stats
+    from sere_dist.engine.stats import sere_control, sere_records, sere_stats
     llm = family_engine["llm"]
     sere_control(llm, enabled=True, select_top_k=1, reset=True)
-    _greedy(llm)
+    greedy(llm)
     recs = sere_records(llm)[0]
     prompt_tokens = sum(len(llm.get_tokenizer().encode(p)) for p in PROMPTS)
     assert not any(recs[0]["valid"])                     # the first batch is prefill only
@@ -215,10 +179,10 @@ def test_decode_phase_leaves_prefill_tokens_alone(family_engine):
 def test_planted_model_keeps_most_greedy_tokens_at_s1(family_engine):
     if family_engine["kind"] != "planted":
         pytest.skip("planted checkpoint only for qwen3_moe")
-    from sere_dist.vllm_plugin import sere_control
+    from sere_dist.engine.stats import sere_control
     llm = family_engine["llm"]
     sere_control(llm, enabled=True, select_top_k=1, reset=True)
-    got, plain = _greedy(llm), family_engine["plain"]
+    got, plain = greedy(llm), family_engine["plain"]
     same = sum(a == b for g, p in zip(got, plain) for a, b in zip(g, p)) / sum(len(p) for p in plain)
     print(f"planted qwen3_moe S=1: {same:.3f} of greedy tokens unchanged")
     assert same >= 0.75
@@ -231,18 +195,18 @@ def test_compiled_cpu_mode_reroutes_exactly_the_decode_tokens(workdir):
     """enforce_eager=False: Dynamo traces the hook once; the token mask and the counters are buffers,
     so the compiled graph re-routes exactly the decode tokens of every later batch. (Greedy fidelity is
     checked in eager engines above; vLLM-CPU's compiled and eager kernels differ numerically anyway.)"""
-    from sere_dist.vllm_plugin import sere_stats
+    from sere_dist.engine.stats import sere_stats
     ckpt = write_checkpoint(workdir / "compiled-planted", TinySpec(family="qwen3_moe", num_experts=16, top_k=4),
                             kind="planted")
     art = _cluster_artifact(ckpt, workdir / "compiled-sim")
-    llm = _make_llm(ckpt, sere={"artifact": str(art), "select_top_k": 1, "threshold": 0.5}, enforce_eager=False)
+    llm = make_llm(ckpt, sere={"artifact": str(art), "select_top_k": 1, "threshold": 0.5}, enforce_eager=False)
     try:
-        _greedy(llm, PROMPTS[:2])
+        greedy(llm, PROMPTS[:2])
         first = sere_stats(llm)
-        _greedy(llm)
+        greedy(llm)
         stats = sere_stats(llm)
     finally:
-        _close(llm)
+        close_llm(llm)
     assert sorted(stats) == [0, 1]                                              # both MoE layers
     for layer, c in stats.items():
         assert first[layer]["tokens"] == 2 * (MAX_TOKENS - 1)                     # decode tokens only

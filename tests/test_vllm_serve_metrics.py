@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sere_dist.serving import prepare_default
+from sere_dist.serve.defaults import prepare_default
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -4,8 +4,9 @@ JSON metadata, written atomically, and checked against the model it is loaded fo
     OUT/similarity.safetensors   tensors "layers.<i>" float32 [E, E]; metadata header {"sere": json}
     OUT/metadata.json            the same metadata, plus per-layer off-diagonal statistics
 
-`model_fingerprint` reads the MoE facts (architecture, E, k, MoE layer indices, hidden size) from a
-Hugging Face config of any supported family; the same function serves calibration and serving.
+`artifact_for_model` is the one artifact-vs-model check (S <= k, the artifact's fingerprint against the
+model's, every MoE layer present and finite), used by the server, the vLLM plugin and its workers;
+artifacts are loaded once per process.
 """
 
 from __future__ import annotations
@@ -24,52 +25,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import __version__
+from sere_dist import __version__
+from sere_dist.core.config import SereConfig, SereConfigError
+from sere_dist.core.model import MATCH_KEYS as FINGERPRINT_KEYS, ArtifactError, ModelFingerprint, model_fingerprint
+
+__all__ = ["ArtifactError", "SimilarityArtifact", "artifact_for_model", "load_artifact", "model_fingerprint",
+           "validate_matrices", "FINGERPRINT_KEYS"]
 
 SIM_FILE = "similarity.safetensors"
 META_FILE = "metadata.json"
-FINGERPRINT_KEYS = ("architecture", "num_experts", "top_k", "moe_layers", "hidden_size")
-
-
-class ArtifactError(ValueError):
-    """The artifact is missing, malformed, or was computed for another model."""
-
-
-def _get(cfg: Any, *names: str, default: Any = None) -> Any:
-    for n in names:
-        v = cfg.get(n) if isinstance(cfg, Mapping) else getattr(cfg, n, None)
-        if v is not None:
-            return v
-    return default
-
-
-def model_fingerprint(cfg: Any) -> dict[str, Any]:
-    """MoE facts of a Hugging Face config (object or dict); raises ArtifactError if it is not MoE."""
-    archs = _get(cfg, "architectures") or [_get(cfg, "model_type", default="?")]
-    arch = archs[0]
-    mtype = _get(cfg, "model_type", default="")
-    n_layers = int(_get(cfg, "num_hidden_layers", default=0))
-    top_k = _get(cfg, "num_experts_per_tok", "moe_top_k", "top_k")
-    if mtype.startswith("deepseek"):
-        e = _get(cfg, "n_routed_experts")
-        first_dense = int(_get(cfg, "first_k_dense_replace", default=0))
-        freq = int(_get(cfg, "moe_layer_freq", default=1))
-        layers = [i for i in range(n_layers) if e and i >= first_dense and i % freq == 0]
-    elif mtype in ("qwen2_moe", "qwen3_moe"):
-        e = _get(cfg, "num_experts")
-        step = int(_get(cfg, "decoder_sparse_step", default=1))
-        mlp_only = set(_get(cfg, "mlp_only_layers", default=[]) or [])
-        layers = [i for i in range(n_layers) if e and i not in mlp_only and (i + 1) % step == 0]
-    else:  # mixtral, olmoe, phimoe, granitemoe...: every layer is MoE
-        e = _get(cfg, "num_local_experts", "num_experts", "n_routed_experts")
-        layers = list(range(n_layers)) if e else []
-    if not e or not top_k or not layers:
-        raise ArtifactError(
-            f"model {arch} (model_type={mtype!r}) is not a Mixture-of-Experts model: no routed experts / "
-            f"top-k found in its config (num_experts={e}, num_experts_per_tok={top_k})")
-    return {"architecture": arch, "model_type": mtype, "num_experts": int(e), "top_k": int(top_k),
-            "moe_layers": layers, "hidden_size": int(_get(cfg, "hidden_size", default=0)),
-            "num_hidden_layers": n_layers}
+FORMAT = "sere-similarity/1"
 
 
 @dataclass
@@ -77,7 +42,7 @@ class SimilarityArtifact:
     """Per-layer similarity matrices with their provenance."""
 
     matrices: dict[int, torch.Tensor]                  # MoE layer index -> float32 [E, E]
-    fingerprint: dict[str, Any]
+    fingerprint: ModelFingerprint                      # a mapping given here is converted
     metric: str
     tokens: int
     data_digest: str = ""
@@ -85,9 +50,12 @@ class SimilarityArtifact:
     created: str = ""
     version: str = __version__
 
+    def __post_init__(self) -> None:
+        self.fingerprint = ModelFingerprint.coerce(self.fingerprint)
+
     def metadata(self) -> dict[str, Any]:
-        from .similarity import offdiag_stats
-        return {"format": "sere-similarity/1", "fingerprint": self.fingerprint, "metric": self.metric,
+        from sere_dist.core.similarity import offdiag_stats
+        return {"format": FORMAT, "fingerprint": self.fingerprint.to_dict(), "metric": self.metric,
                 "tokens": self.tokens, "data_digest": self.data_digest,
                 "created": self.created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "sere_dist_version": self.version, "layers": sorted(self.matrices),
@@ -142,8 +110,22 @@ class SimilarityArtifact:
             raise ArtifactError(f"cannot read similarity artifact {f}: {exc}") from exc
         if not raw:
             raise ArtifactError(f"{f} has no sere metadata; it was not written by sere-dist")
-        meta = json.loads(raw)
-        art = cls(matrices={i: m.float() for i, m in mats.items()}, fingerprint=meta["fingerprint"],
+        try:
+            meta = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"{f}: the sere metadata in its header is not valid JSON ({exc}); "
+                                f"recalibrate to rewrite it") from None
+        if not isinstance(meta, dict):
+            raise ArtifactError(f"{f}: the sere metadata in its header is a {type(meta).__name__}, not a mapping")
+        missing = [k for k in ("fingerprint", "metric", "tokens") if k not in meta]
+        if missing:
+            raise ArtifactError(f"{f}: the sere metadata in its header lacks {missing}; it was not written by "
+                                f"this sere-dist (recalibrate)")
+        try:
+            fp = ModelFingerprint.coerce(meta["fingerprint"])
+        except ArtifactError as exc:
+            raise ArtifactError(f"{f}: {exc}; recalibrate") from None
+        art = cls(matrices={i: m.float() for i, m in mats.items()}, fingerprint=fp,
                   metric=meta["metric"], tokens=meta["tokens"], data_digest=meta.get("data_digest", ""),
                   extra=meta.get("extra", {}), created=meta.get("created", ""),
                   version=meta.get("sere_dist_version", "?"))
@@ -152,18 +134,42 @@ class SimilarityArtifact:
 
     def check_model(self, fingerprint: Mapping[str, Any]) -> None:
         """Refuse an artifact computed for another model, naming both sides."""
-        for key in FINGERPRINT_KEYS:
-            mine, theirs = self.fingerprint.get(key), fingerprint.get(key)
-            if key == "architecture":
-                mine, theirs = _family(mine), _family(theirs)
-            if mine != theirs:
-                raise ArtifactError(
-                    f"similarity artifact does not match the model: {key} is {self.fingerprint.get(key)!r} in "
-                    f"the artifact but {fingerprint.get(key)!r} in the model; recalibrate for this model")
+        why = self.fingerprint.mismatch(fingerprint)
+        if why:
+            raise ArtifactError(why)
 
 
-def _family(arch: Any) -> str:
-    return str(arch).replace("ForCausalLM", "").lower()
+_LOADED: dict[tuple[str, float], SimilarityArtifact] = {}
+
+
+def load_artifact(path: str | os.PathLike) -> SimilarityArtifact:
+    """`SimilarityArtifact.load`, once per process per file version (path and modification time)."""
+    p = Path(path).resolve()
+    f = p / SIM_FILE if p.is_dir() else p
+    key = (str(f), f.stat().st_mtime if f.exists() else -1.0)
+    art = _LOADED.get(key)
+    if art is None:
+        art = SimilarityArtifact.load(p)
+        _LOADED[key] = art
+    return art
+
+
+def artifact_for_model(sere: SereConfig, fingerprint: Mapping[str, Any]) -> SimilarityArtifact:
+    """The one artifact-vs-model check: S and per-layer overrides against the model's k and MoE layers,
+    then the artifact (loaded once per process) against the model's fingerprint. Errors name the field."""
+    fp = ModelFingerprint.coerce(fingerprint)
+    sere.check_top_k(fp.top_k, list(fp.moe_layers))
+    if not sere.artifact:
+        raise SereConfigError("sere.artifact is not set; pass the path of a similarity artifact "
+                              "(`sere calibrate` or the calibration job writes one)")
+    try:
+        art = load_artifact(sere.artifact)
+    except ArtifactError as exc:
+        raise ArtifactError(f"sere.artifact: {exc}") from None
+    why = art.fingerprint.mismatch(fp)
+    if why:
+        raise ArtifactError(f"sere.artifact {sere.artifact}: {why}")
+    return art
 
 
 def validate_matrices(mats: Mapping[int, torch.Tensor], fp: Mapping[str, Any], source: str = "artifact") -> None:

@@ -1,6 +1,6 @@
 """Train the small MoE language model that ships with the repo (`sere train-tiny`).
 
-Text: the Python standard library's source (sere_dist.corpus), every 20th document held out.
+Text: the Python standard library's source (sere_dist.calibration.corpus), every 20th document held out.
 Deterministic for a given corpus, seed and thread count. About 10 minutes on 2 CPU cores.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .tiny import CHAT_TEMPLATE, DATA_DIR, TinySpec, build_model
+from sere_dist.models.tiny import CHAT_TEMPLATE, DATA_DIR, TinySpec, build_model
 
 TRAINED_DIR = DATA_DIR / "tiny-trained"
 TRAINED_SPEC = TinySpec(family="qwen3_moe", hidden_size=128, num_layers=4, num_heads=2, num_experts=16,
@@ -51,7 +51,7 @@ def perplexity(model, data: torch.Tensor, batch_size: int = 16) -> float:
 
 def train(out: Path = TRAINED_DIR, steps: int = 1200, batch_size: int = 16, seq_len: int = 128,
           lr: float = 3e-3, seed: int = 0, spec: TinySpec = TRAINED_SPEC) -> dict:
-    from .corpus import split_corpus, stdlib_documents
+    from sere_dist.calibration.corpus import split_corpus, stdlib_documents
 
     torch.manual_seed(seed)
     model, tok = build_model(spec, "random")

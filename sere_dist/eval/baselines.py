@@ -3,7 +3,7 @@
 Each rule is written from its paper's description (no code copied). Shapes: G groups (decode
 batches), T tokens per group, k routed slots per token sorted by weight (largest first), E experts.
 Every pure function maps routing tensors to routing tensors; the `*_transform` factories wrap them
-in the `sere_dist.fidelity` transform interface (layer, ids, weights, valid[, logits]) -> (ids,
+in the `sere_dist.eval.fidelity` transform interface (layer, ids, weights, valid[, logits]) -> (ids,
 weights, active [G, E]). A dropped slot keeps its id with weight 0 (it costs no expert: `active`
 counts only nonzero-weight slots).
 
@@ -27,7 +27,7 @@ from typing import Mapping
 
 import torch
 
-from .fidelity import Transform, active_experts
+from sere_dist.eval.fidelity import Transform, active_experts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,9 +57,11 @@ def naee_skip(ids: torch.Tensor, weights: torch.Tensor, beta: float,
 
 def usage_counts(ids: torch.Tensor, num_experts: int, valid: torch.Tensor | None = None) -> torch.Tensor:
     """[..., T, k] ids (+ [..., T] valid) -> [E] int64: how many valid slots chose each expert."""
-    flat = ids.reshape(-1, ids.shape[-1]).long()
-    w = torch.ones_like(flat) if valid is None else valid.reshape(-1, 1).long().expand_as(flat)
-    return torch.zeros(num_experts, dtype=torch.int64).index_add_(0, flat.reshape(-1), w.reshape(-1))
+    from sere_dist.core.reroute import expert_slot_counts
+
+    flat = ids.reshape(1, -1, ids.shape[-1])
+    use = None if valid is None else valid.reshape(1, -1, 1).expand_as(flat)
+    return expert_slot_counts(flat, num_experts, use)[0].long()
 
 
 def prune_least_used(counts: torch.Tensor, num_pruned: int) -> torch.Tensor:
@@ -91,7 +93,7 @@ def random_reroute(ids: torch.Tensor, select_top_k: int, num_experts: int, valid
 
     ids: [G, T, k]; valid: [G, T]. Returns new ids [G, T, k].
     """
-    from .reroute import primary_mask
+    from sere_dist.core.reroute import primary_mask
 
     g, t, k = ids.shape
     e = num_experts
@@ -181,7 +183,7 @@ def xshare_budget(logits: torch.Tensor, budget: int, top_k: int, normalize: bool
 
 
 # ---------------------------------------------------------------------------------------------
-# Transforms for sere_dist.fidelity.evaluate
+# Transforms for sere_dist.eval.fidelity.evaluate
 
 def naive_top_s_transform(num_experts: int, select_top_k: int) -> Transform:
     def fn(layer, ids, w, valid):

@@ -1,84 +1,101 @@
-"""Calibration as a Ray Data job: similarity matrices of every MoE layer, streamed and spread.
+"""Calibration: text -> similarity artifact, one pipeline run either as a Ray Data job or in one process.
 
 The pipeline (one pass over the calibration tokens, nothing keeps all of them):
 
-    token rows [N, L]                       ray.data.from_items, one row per sequence
-      -> _CaptureStage  (actor pool)        a forward pass per batch of sequences; emits one row per
+    token rows [N, L]                       one row per sequence
+      -> CaptureStage                       a forward pass per batch of sequences; emits one row per
                                             (MoE layer, shard): the block's input [b*L, H] and the
                                             global token positions of that shard
-      -> _ExpertGramStage (actor pool)      runs that layer's experts on the shard in token chunks
+      -> ExpertGramStage                    runs that layer's experts on the shard in token chunks
                                             and emits the partial Gram  G_s = Y_s Y_s^T  [E, E] float64
                                             (Frobenius, cosine) or the shard's tokens that belong to
                                             the layer's CKA sample
-      -> driver                             sums partial Grams per layer (exact: G = sum_s G_s), or
+      -> reduce (driver)                    sums partial Grams per layer (exact: G = sum_s G_s), or
                                             gathers the CKA sample, and computes the matrices
 
-Per-worker memory is set by the batch size (b*L tokens x E experts x H), never by N. Both pools are
-spread over the cluster's nodes (SPREAD scheduling), so a bigger cluster calibrates more layers
-and batches at once.
+With Ray (`run(prep)`, the `ray job submit` entry and `sere calibrate --ray`) both stages are Ray Data
+actor pools spread over the cluster's nodes (SPREAD), so a bigger cluster calibrates more layers and
+batches at once; per-worker memory is set by the batch size (b*L tokens x E experts x H), never by N.
+Without Ray (`run(prep, use_ray=False)`, plain `sere calibrate`, and `calibrate(model, tokens)` for a
+model already in memory) the same two stages run in this process, one batch at a time, and the same
+reduction gives the same matrices.
 
-CKA sample: the single-process `capture.calibrate` keeps a reservoir (Algorithm R) of at most
-`cka_tokens` tokens; here each layer's sample is drawn up front instead, as `cka_tokens` global token
-positions chosen uniformly without replacement with seed `seed + layer` (`cka_positions`). Both are
-uniform samples of the same size; when the run has at most `cka_tokens` tokens both keep every token
-and the matrices agree to float tolerance.
+CKA sample: each layer's sample is `cka_tokens` global token positions chosen uniformly without
+replacement with seed `seed + layer` (`cka_positions`); with at most `cka_tokens` tokens every token is
+kept.
 
 `prepare` does every check (output path, metric, checkpoint is MoE, text column, enough qualifying
-texts) and the tokenisation before any Ray work; `run` writes the artifact atomically at the very
-end, so a job that fails half way leaves nothing behind.
+texts) and the tokenisation before any heavy work; `run` writes the artifact, `stats.csv`/`stats.md`,
+`heatmaps.png` and `calibration.json` atomically at the very end, so a run that fails half way leaves
+nothing behind.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Annotated, Any, Callable, ClassVar, Iterable, Iterator, Literal
 
 import numpy as np
 import torch
+from pydantic import Field, StrictBool, StrictInt, StrictStr, field_validator
 
-from .artifact import ArtifactError, SimilarityArtifact, model_fingerprint
-from .config import METRICS
-from .similarity import GramAccumulator, linear_cka, offdiag_stats, rbf_cka
+from sere_dist.core.artifact import ArtifactError, SimilarityArtifact
+from sere_dist.core.config import METRICS, ConfigError, StrictModel
+from sere_dist.core.model import ModelFingerprint, model_fingerprint
+from sere_dist.calibration.report import report_files
+from sere_dist.core.similarity import GramAccumulator, linear_cka, rbf_cka
 
 log = logging.getLogger("sere_dist")
 
 GRAM_METRICS = ("frobenius", "cosine")
-STATS_CSV = "stats.csv"
-STATS_MD = "stats.md"
-HEATMAP_PNG = "heatmaps.png"
-REPORT_JSON = "calibration.json"
+
+PositiveInt = Annotated[StrictInt, Field(ge=1)]
 
 
-@dataclass(frozen=True)
-class CalibrationJob:
-    """Everything a calibration run needs; `prepare` validates it."""
+class CalibrationJob(StrictModel):
+    """Everything a calibration run needs (the options of `sere calibrate` and the Ray job).
 
-    model: str                           # local checkpoint directory (transformers layout)
-    out: str                             # artifact directory to write
-    data: str | None = None              # .jsonl/.json/.parquet, a datasets directory, a hub name; None: stdlib text
-    text_column: str = "text"
-    split: str = "train"                 # for directories and hub names
-    metric: str = "frobenius"
-    num_samples: int = 64                # calibration sequences
-    seq_len: int = 128                   # tokens per sequence
-    keep_longer_only: bool = True        # paper: only texts with more than seq_len tokens qualify
-    shuffle: bool = False                # shuffle the texts with `seed` before picking qualifying ones
-    seed: int = 0
-    batch_size: int = 8                  # sequences per forward pass (sets per-worker memory)
-    token_chunk: int = 1024              # tokens per expert evaluation inside a shard
-    num_workers: int = 2                 # actors per stage
-    cpus_per_worker: float = 0.5
-    actor_start_timeout_s: float = 600.0  # every actor of a stage must be up before work starts
-    cka_tokens: int = 512
-    overwrite: bool = False
-    dtype: str = "float32"
+    Errors name the command-line option (`--num-samples must be >= 1, got 0`).
+    """
+
+    config_name: ClassVar[str] = "--"
+    error_type: ClassVar[type[ConfigError]] = ConfigError
+    unknown_label: ClassVar[str] = "option"
+
+    model: StrictStr                          # local checkpoint directory (transformers layout)
+    out: StrictStr                            # artifact directory to write
+    data: StrictStr | None = None             # .jsonl/.json/.parquet, a datasets directory, a hub name; None: stdlib
+    text_column: StrictStr = "text"
+    split: StrictStr = "train"                # for directories and hub names
+    metric: StrictStr = "frobenius"
+    num_samples: PositiveInt = 64         # calibration sequences
+    seq_len: PositiveInt = 128             # tokens per sequence
+    keep_longer_only: StrictBool = True       # paper: only texts with more than seq_len tokens qualify
+    shuffle: StrictBool = False               # shuffle the texts with `seed` before picking qualifying ones
+    seed: StrictInt = 0
+    batch_size: PositiveInt = 8          # sequences per forward pass (sets per-worker memory)
+    token_chunk: PositiveInt = 1024         # tokens per expert evaluation inside a shard
+    num_workers: PositiveInt = 2         # Ray: actors per stage
+    cpus_per_worker: float = Field(0.5, strict=False, gt=0, allow_inf_nan=False)
+    actor_start_timeout_s: float = Field(600.0, strict=False, gt=0, allow_inf_nan=False)
+    cka_tokens: PositiveInt = 512
+    overwrite: StrictBool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        if v not in METRICS:
+            raise ConfigError(f"--metric {v!r} is not a similarity metric; use one of {', '.join(METRICS)}")
+        return v
+
+
 
 
 @dataclass
@@ -87,7 +104,7 @@ class Prepared:
 
     job: CalibrationJob
     tokens: torch.Tensor                 # [num_samples, seq_len] int64
-    fingerprint: dict[str, Any]
+    fingerprint: ModelFingerprint
     data_digest: str
     source: str                          # where the text came from, for the report
 
@@ -109,8 +126,8 @@ def load_texts(data: str | None, text_column: str = "text", split: str = "train"
     Hugging Face dataset name (needs a reachable hub). Raises ValueError naming a missing column.
     """
     if data is None:
-        from .corpus import split_corpus, stdlib_documents
-        return split_corpus(stdlib_documents())[0], "python-stdlib (sere_dist.corpus, training split)"
+        from sere_dist.calibration.corpus import split_corpus, stdlib_documents
+        return split_corpus(stdlib_documents())[0], "python-stdlib (sere_dist.calibration.corpus, training split)"
     import datasets
 
     p = Path(data)
@@ -142,30 +159,19 @@ def load_texts(data: str | None, text_column: str = "text", split: str = "train"
 
 def prepare(job: CalibrationJob) -> Prepared:
     """Validate the job and tokenise the calibration text; cheap, and touches no Ray."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from .capture import tokenize_texts
-    from .corpus import digest
+    from sere_dist.calibration.capture import tokenize_texts
+    from sere_dist.calibration.corpus import digest
+    from sere_dist.core.model import checkpoint_fingerprint
 
-    if job.metric not in METRICS:
-        raise ValueError(f"--metric {job.metric!r} is not a similarity metric; use one of {', '.join(METRICS)}")
     out = Path(job.out)
     if out.exists() and not job.overwrite:
         raise ArtifactError(f"--out {out} exists; pass --overwrite to replace it")
-    for name in ("num_samples", "seq_len", "batch_size", "num_workers", "cka_tokens", "token_chunk"):
-        if int(getattr(job, name)) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(job, name)}")
-    if job.cpus_per_worker <= 0:
-        raise ValueError(f"--cpus-per-worker must be > 0, got {job.cpus_per_worker}")
-    if not job.actor_start_timeout_s > 0:
-        raise ValueError(f"--actor-start-timeout-s must be > 0, got {job.actor_start_timeout_s}")
-    if job.dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"--dtype {job.dtype!r}: use float32, bfloat16 or float16")
-    mpath = Path(job.model)
-    if not (mpath / "config.json").exists():
+    if not (Path(job.model) / "config.json").exists():
         raise ArtifactError(f"--model {job.model}: no checkpoint there (config.json missing)")
-    fp = model_fingerprint(AutoConfig.from_pretrained(str(mpath)))   # refuses a dense model
-    tok = AutoTokenizer.from_pretrained(str(mpath))
+    fp = checkpoint_fingerprint(job.model)           # refuses a dense model
+    tok = AutoTokenizer.from_pretrained(str(job.model))
     texts, source = load_texts(job.data, job.text_column, job.split)
     if job.shuffle:
         texts = list(texts)
@@ -182,24 +188,35 @@ def cka_positions(num_tokens: int, cka_tokens: int, seed: int, layer: int) -> np
     return np.sort(torch.randperm(num_tokens, generator=g)[:cka_tokens].numpy()).astype(np.int64)
 
 
-# ---------------------------------------------------------------- Ray Data stages
+# ---------------------------------------------------------------- the two stages (Ray actors, or plain objects)
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-class _CaptureStage:
-    """Actor: the model loaded once; a batch of token rows -> one row per (MoE layer, shard)."""
+def _node_id() -> str:
+    import ray
 
-    def __init__(self, model: str, dtype: str):
-        import ray
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
-        from .capture import load_model
-        self.model, _ = load_model(model, dtype=getattr(torch, dtype))
-        self.node = ray.get_runtime_context().get_node_id()
 
+def _loaded(model: str | torch.nn.Module, dtype: str) -> torch.nn.Module:
+    if isinstance(model, torch.nn.Module):
+        return model
+    from sere_dist.calibration.capture import load_model
+    return load_model(model, dtype=getattr(torch, dtype))[0]
+
+
+class CaptureStage:
+    """The model loaded once; a batch of token rows -> one row per (MoE layer, shard)."""
+
+    def __init__(self, model: str | torch.nn.Module, dtype: str):
+        self.model = _loaded(model, dtype)
+        self.node = _node_id()
+
+    @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .capture import layer_inputs
+        from sere_dist.calibration.capture import layer_inputs
         ids = torch.tensor(np.stack(batch["ids"]), dtype=torch.long)            # [b, L]
         rows = torch.tensor(np.asarray(batch["row"]), dtype=torch.long)         # [b]
         L = ids.shape[1]
@@ -212,23 +229,20 @@ class _CaptureStage:
                 "hidden": np.stack([hidden[i].float().numpy() for i in layers])}
 
 
-class _ExpertGramStage:
-    """Actor: that layer's experts on a shard -> partial Gram [E, E] float64 (or CKA sample rows)."""
+class ExpertGramStage:
+    """That layer's experts on a shard -> partial Gram [E, E] float64 (or CKA sample rows)."""
 
-    def __init__(self, model: str, dtype: str, metric: str, token_chunk: int,
+    def __init__(self, model: str | torch.nn.Module, dtype: str, metric: str, token_chunk: int,
                  cka_sample: dict[int, np.ndarray] | None):
-        import ray
-
-        from .capture import load_model, moe_blocks
-        m, _ = load_model(model, dtype=getattr(torch, dtype))
-        self.experts = {i: b.experts for i, b in moe_blocks(m).items()}
-        del m                                       # keep only the routed experts (shared ones never count)
+        from sere_dist.calibration.capture import moe_blocks
+        # only the routed experts are kept (shared experts never count)
+        self.experts = {i: b.experts for i, b in moe_blocks(_loaded(model, dtype)).items()}
         self.metric, self.chunk, self.cka_sample = metric, token_chunk, cka_sample or {}
-        self.node = ray.get_runtime_context().get_node_id()
+        self.node = _node_id()
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .capture import expert_outputs
+        from sere_dist.calibration.capture import expert_outputs
         out: dict[str, list] = {"layer": [], "tokens": [], "gram": [], "sample": [], "sample_pos": [],
                                 "node": [], "peak_rss_mb": []}
         for layer, pos, x, cnode in zip(batch["layer"], batch["positions"], batch["hidden"], batch["capture_node"]):
@@ -259,6 +273,12 @@ class _ExpertGramStage:
                 for k, v in out.items()}
 
 
+def _rows(tokens: torch.Tensor) -> list[dict[str, Any]]:
+    return [{"row": i, "ids": tokens[i].numpy()} for i in range(tokens.shape[0])]
+
+
+# ---------------------------------------------------------------- backends: Ray Data, or this process
+
 def _pipeline(prep: Prepared, cka_sample: dict[int, np.ndarray] | None):
     """The lazy Ray Data dataset of per-(layer, shard) partial results."""
     import ray
@@ -266,23 +286,22 @@ def _pipeline(prep: Prepared, cka_sample: dict[int, np.ndarray] | None):
 
     job = prep.job
     n = prep.tokens.shape[0]
-    items = [{"row": i, "ids": prep.tokens[i].numpy()} for i in range(n)]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, -(-n // job.batch_size)))
+    ds = ray.data.from_items(_rows(prep.tokens), override_num_blocks=max(1, -(-n // job.batch_size)))
     # SPREAD: one stage's actors on as many nodes as possible (a plain remote arg; Ray 2.60 warns that
     # such args are deprecated from 2.64 but ray_remote_args_fn does not place actors)
     # One block in flight per actor: a fast actor may otherwise queue every block of a stage and the
     # other nodes' actors idle (each block is a whole forward pass, so queueing gains nothing).
     common = dict(num_cpus=job.cpus_per_worker, scheduling_strategy="SPREAD",
                   compute=ActorPoolStrategy(size=job.num_workers, max_tasks_in_flight_per_actor=1))
-    ds = ds.map_batches(_CaptureStage, fn_constructor_kwargs={"model": job.model, "dtype": job.dtype},
+    ds = ds.map_batches(CaptureStage, fn_constructor_kwargs={"model": job.model, "dtype": job.dtype},
                         batch_size=job.batch_size, batch_format="numpy", **common)
-    ds = ds.map_batches(_ExpertGramStage, batch_size=1, batch_format="numpy",
+    ds = ds.map_batches(ExpertGramStage, batch_size=1, batch_format="numpy",
                         fn_constructor_kwargs={"model": job.model, "dtype": job.dtype, "metric": job.metric,
                                                "token_chunk": job.token_chunk, "cka_sample": cka_sample},
                         **common)
     # Each stage starts only once all its actors are up: otherwise the first actor to load the model can
     # take every block while the others are still importing torch, and a cluster too small for the pool
-    # would wait forever instead of failing (GetTimeoutError, turned into ActorStartError by `_batches`).
+    # would wait forever instead of failing (GetTimeoutError, turned into ActorStartError by `_ray_batches`).
     ds.context.wait_for_min_actors_s = max(1, math.ceil(job.actor_start_timeout_s))
     return ds
 
@@ -291,7 +310,7 @@ class ActorStartError(RuntimeError):
     """A stage's actors did not all start in time (usually: the cluster lacks the CPUs they ask for)."""
 
 
-def _batches(prep: Prepared, cka: dict[int, np.ndarray] | None):
+def _ray_batches(prep: Prepared, cka: dict[int, np.ndarray] | None) -> Iterator[dict[str, np.ndarray]]:
     """The pipeline's output batches; a stage whose actors cannot all start raises ActorStartError."""
     import ray
 
@@ -306,24 +325,33 @@ def _batches(prep: Prepared, cka: dict[int, np.ndarray] | None):
             f"or raise --actor-start-timeout-s") from exc
 
 
-def run(prep: Prepared) -> Result:
-    """Run the Ray Data pipeline on the connected cluster and write the artifact atomically.
+def _local_batches(model: str | torch.nn.Module, tokens: torch.Tensor, *, dtype: str, metric: str,
+                   batch_size: int, token_chunk: int, cka: dict[int, np.ndarray] | None,
+                   progress: Callable[[Iterable], Iterable] | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """The same two stages in this process, one batch of sequences at a time."""
+    model = _loaded(model, dtype)
+    capture = CaptureStage(model, dtype)
+    grams = ExpertGramStage(model, dtype, metric, token_chunk, cka)
+    rows = _rows(tokens)
+    starts = range(0, len(rows), batch_size)
+    for s in (progress(starts) if progress else starts):
+        part = rows[s:s + batch_size]
+        shards = capture({"row": np.array([r["row"] for r in part]), "ids": np.stack([r["ids"] for r in part])})
+        for i in range(len(shards["layer"])):
+            yield grams({k: v[i:i + 1] for k, v in shards.items()})
 
-    Ray must be initialised by the caller (a job: `ray.init()`; a test: a private local instance).
-    """
-    job, fp = prep.job, prep.fingerprint
-    t0 = time.time()
-    layers = list(fp["moe_layers"])
-    e, n_tok = fp["num_experts"], int(prep.tokens.numel())
-    cka = None if job.metric in GRAM_METRICS else {i: cka_positions(n_tok, job.cka_tokens, job.seed, i)
-                                                   for i in layers}
+
+def _reduce(batches: Iterable[dict[str, np.ndarray]], fp: ModelFingerprint, num_tokens: int, metric: str,
+            cka: dict[int, np.ndarray] | None) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
+    """Sum the partial results per layer and compute the matrices; (matrices, run facts)."""
+    layers = list(fp.moe_layers)
+    e, h = fp.num_experts, fp.hidden_size
     grams = {i: GramAccumulator(e) for i in layers}
     samples: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {i: [] for i in layers}
     seen = {i: 0 for i in layers}
     nodes: set[str] = set()
     peak = 0.0
-    h = fp["hidden_size"]
-    for batch in _batches(prep, cka):
+    for batch in batches:
         for k in range(len(batch["layer"])):
             i = int(batch["layer"][k])
             seen[i] += int(batch["tokens"][k])
@@ -337,22 +365,52 @@ def run(prep: Prepared) -> Result:
                 if pos.size:
                     y = np.frombuffer(batch["sample"][k], dtype=np.float32).reshape(e, pos.size, h)
                     samples[i].append((pos, y))
-    bad = {i: s for i, s in seen.items() if s != n_tok}
+    bad = {i: s for i, s in seen.items() if s != num_tokens}
     if bad:
-        raise RuntimeError(f"calibration pipeline lost shards: tokens seen per layer {bad}, expected {n_tok}")
+        raise RuntimeError(f"calibration pipeline lost shards: tokens seen per layer {bad}, expected {num_tokens}")
     mats = {}
     for i in layers:
         if cka is None:
-            mats[i] = grams[i].result(job.metric)
+            mats[i] = grams[i].result(metric)
         else:
             pos = np.concatenate([p for p, _ in samples[i]])
             y = torch.from_numpy(np.concatenate([s for _, s in samples[i]], axis=1)[:, np.argsort(pos)].copy())
-            mats[i] = linear_cka(y) if job.metric == "cka_linear" else rbf_cka(y)
+            mats[i] = linear_cka(y) if metric == "cka_linear" else rbf_cka(y)
+    return mats, {"nodes": sorted(nodes), "worker_peak_rss_mb": round(peak, 1)}
+
+
+def _cka_sample(fp: ModelFingerprint, metric: str, num_tokens: int, cka_tokens: int,
+                seed: int) -> dict[int, np.ndarray] | None:
+    if metric in GRAM_METRICS:
+        return None
+    return {i: cka_positions(num_tokens, cka_tokens, seed, i) for i in fp.moe_layers}
+
+
+def run(prep: Prepared, *, use_ray: bool = True,
+        progress: Callable[[Iterable], Iterable] | None = None) -> Result:
+    """Run the pipeline and write the artifact with its report, atomically.
+
+    use_ray: Ray Data on the connected cluster (the caller initialises Ray: a job calls `ray.init()`,
+    a test starts a private instance); False runs the same stages in this process (`progress` wraps
+    its batch loop, e.g. with tqdm).
+    """
+    job, fp = prep.job, prep.fingerprint
+    t0 = time.time()
+    n_tok = int(prep.tokens.numel())
+    cka = _cka_sample(fp, job.metric, n_tok, job.cka_tokens, job.seed)
+    if use_ray:
+        batches = _ray_batches(prep, cka)
+        workers = job.num_workers
+    else:
+        batches = _local_batches(job.model, prep.tokens, dtype=job.dtype, metric=job.metric,
+                                 batch_size=job.batch_size, token_chunk=job.token_chunk, cka=cka, progress=progress)
+        workers = 1
+    mats, facts = _reduce(batches, fp, n_tok, job.metric, cka)
     wall = time.time() - t0
-    report = {"wall_s": round(wall, 3), "tokens": n_tok, "layers": len(layers), "experts": e,
-              "tokens_per_s": round(n_tok / wall, 1), "num_workers": job.num_workers, "nodes": sorted(nodes),
-              "worker_peak_rss_mb": round(peak, 1), "source": prep.source,
-              "job": {k: v for k, v in asdict(job).items() if k not in ("out", "overwrite")}}
+    report = {"wall_s": round(wall, 3), "tokens": n_tok, "layers": len(fp.moe_layers), "experts": fp.num_experts,
+              "tokens_per_s": round(n_tok / wall, 1), "backend": "ray" if use_ray else "local",
+              "num_workers": workers, **facts, "source": prep.source,
+              "job": job.model_dump(exclude={"out", "overwrite"})}
     art = SimilarityArtifact(matrices=mats, fingerprint=fp, metric=job.metric, tokens=n_tok,
                              data_digest=prep.data_digest,
                              extra={"calibration": {k: report[k] for k in ("source", "job")}})
@@ -360,37 +418,22 @@ def run(prep: Prepared) -> Result:
     return Result(artifact=art, out=out, report=report)
 
 
-# ---------------------------------------------------------------- reports
+@torch.no_grad()
+def calibrate(model: torch.nn.Module, tokens: torch.Tensor, metric: str = "frobenius", batch_size: int = 8,
+              cka_tokens: int = 512, seed: int = 0, data_digest: str = "", token_chunk: int = 1024,
+              progress: Callable[[Iterable], Iterable] | None = None) -> SimilarityArtifact:
+    """The pipeline in this process for a model already in memory: [N, L] token ids -> artifact
+    (not written; `.save(out)` writes it)."""
+    from sere_dist.calibration.corpus import digest
 
-def stats_rows(matrices: dict[int, torch.Tensor]) -> list[dict[str, float]]:
-    """Per-layer off-diagonal statistics: [{layer, mean, std, min, max}]."""
-    return [{"layer": i, **offdiag_stats(m)} for i, m in sorted(matrices.items())]
-
-
-def stats_table(matrices: dict[int, torch.Tensor], fmt: str = "md") -> str:
-    rows = stats_rows(matrices)
-    if fmt == "csv":
-        return "layer,mean,std,min,max\n" + "".join(
-            f"{r['layer']},{r['mean']:.6f},{r['std']:.6f},{r['min']:.6f},{r['max']:.6f}\n" for r in rows)
-    lines = ["| layer | mean | std | min | max |", "| ---: | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {r['layer']} | {r['mean']:.4f} | {r['std']:.4f} | {r['min']:.4f} | {r['max']:.4f} |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def report_files(art: SimilarityArtifact, report: dict[str, Any]) -> dict[str, bytes]:
-    """The files written next to the matrices: stats table (CSV, Markdown), heatmap grid, run report."""
-    from .plots import similarity_heatmaps
-
-    title = (f"{art.fingerprint['architecture']}: {art.metric} similarity, {art.tokens} tokens "
-             "(off-diagonal stats in stats.md)")
-    return {STATS_CSV: stats_table(art.matrices, "csv").encode(),
-            STATS_MD: stats_table(art.matrices, "md").encode(),
-            HEATMAP_PNG: similarity_heatmaps(art.matrices, title=title),
-            REPORT_JSON: (json.dumps(report, indent=2) + "\n").encode()}
-
-
-def summary_line(res: Result) -> str:
-    r = res.report
-    return (f"calibrated {r['layers']} MoE layers x {r['experts']} experts on {r['tokens']} tokens in "
-            f"{r['wall_s']:.1f} s ({r['tokens_per_s']:.0f} tokens/s; {r['num_workers']} workers per stage on "
-            f"{len(r['nodes'])} node(s); worker peak RSS {r['worker_peak_rss_mb']:.0f} MiB) -> {res.out}")
+    if metric not in METRICS:
+        raise ValueError(f"unknown similarity metric {metric!r}; use one of {', '.join(METRICS)}")
+    fp = model_fingerprint(model.config)
+    n_tok = int(tokens.numel())
+    cka = _cka_sample(fp, metric, n_tok, cka_tokens, seed)
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    batches = _local_batches(model, tokens, dtype=dtype, metric=metric, batch_size=batch_size,
+                             token_chunk=token_chunk, cka=cka, progress=progress)
+    mats, _ = _reduce(batches, fp, n_tok, metric, cka)
+    return SimilarityArtifact(matrices=mats, fingerprint=fp, metric=metric, tokens=n_tok,
+                              data_digest=data_digest or digest(tokens.tolist()))

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import torch
 
-from .artifact import ArtifactError, SimilarityArtifact, model_fingerprint
-from .similarity import make_accumulator
+from sere_dist.core.model import ArtifactError, model_fingerprint
 
 _BLOCK_ATTRS = ("mlp", "block_sparse_moe", "feed_forward")
 
@@ -103,22 +102,3 @@ def layer_inputs(model, batch: torch.Tensor) -> dict[int, torch.Tensor]:
     with capture_inputs(model) as store:
         model(batch)
     return {i: torch.cat([h.reshape(-1, h.shape[-1]) for h in hs]) for i, hs in store.items()}
-
-
-@torch.no_grad()
-def calibrate(model, tokens: torch.Tensor, metric: str = "frobenius", batch_size: int = 8,
-              cka_tokens: int = 512, seed: int = 0, data_digest: str = "",
-              progress: Callable[[Iterable], Iterable] | None = None) -> SimilarityArtifact:
-    """Single-process streaming calibration: [N, L] token ids -> artifact (every MoE layer)."""
-    from .corpus import digest
-
-    fp = model_fingerprint(model.config)
-    blocks = moe_blocks(model)
-    accs = {i: make_accumulator(metric, fp["num_experts"], max_tokens=cka_tokens, seed=seed + i) for i in blocks}
-    starts = range(0, tokens.shape[0], batch_size)
-    for s in (progress(starts) if progress else starts):
-        for idx, x in layer_inputs(model, tokens[s:s + batch_size]).items():
-            accs[idx].update(expert_outputs(blocks[idx].experts, x))
-    mats = {i: a.result(metric) for i, a in accs.items()}
-    return SimilarityArtifact(matrices=mats, fingerprint=fp, metric=metric, tokens=int(tokens.numel()),
-                              data_digest=data_digest or digest(tokens.tolist()))

@@ -19,7 +19,7 @@ import torch
 
 log = logging.getLogger("sere_dist")
 
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"  # sere_dist/data: shipped checkpoints and tokenizer
 TOKENIZER_DIR = DATA_DIR / "tokenizer"
 FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2")
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
@@ -51,7 +51,7 @@ def train_tokenizer(out_dir: Path = TOKENIZER_DIR, vocab_size: int = 2048) -> Pa
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from .corpus import split_corpus, stdlib_documents
+    from sere_dist.calibration.corpus import split_corpus, stdlib_documents
 
     train_docs, _ = split_corpus(stdlib_documents())
     tok = Tokenizer(models.BPE())
@@ -124,7 +124,7 @@ def build_model(spec: TinySpec, kind: str = "random"):
     """In-memory transformers model (random or planted weights) and its tokenizer."""
     from transformers import AutoModelForCausalLM
 
-    from .capture import moe_blocks
+    from sere_dist.calibration.capture import moe_blocks
 
     if kind not in ("random", "planted"):
         raise ValueError(f"kind must be random or planted here (trained: `sere train-tiny`), got {kind!r}")

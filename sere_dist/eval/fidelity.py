@@ -12,7 +12,6 @@ router's raw logits over all experts (baselines that score experts outside a tok
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
@@ -20,19 +19,16 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from .capture import moe_blocks
-from .config import SereConfig
-from .reroute import reroute
+from sere_dist.calibration.capture import moe_blocks
+from sere_dist.core.config import SereConfig
+from sere_dist.core.reroute import reroute, used_experts
 
 Transform = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def active_experts(ids: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor, num_experts: int) -> torch.Tensor:
     """[G, T, k] ids/weights, [G, T] valid -> [G, E] bool: experts with a nonzero-weight valid slot."""
-    g = ids.shape[0]
-    use = (weights != 0) & valid.unsqueeze(-1)
-    counts = torch.zeros(g, num_experts, dtype=torch.int32)
-    return counts.scatter_add_(1, ids.long().reshape(g, -1), use.int().reshape(g, -1)) > 0
+    return used_experts(ids, num_experts, (weights != 0) & valid.unsqueeze(-1))
 
 
 def sere_transform(sims: Mapping[int, torch.Tensor], cfg: SereConfig) -> Transform:

@@ -7,7 +7,8 @@ per group, k routed slots per token (sorted by router weight, largest first), E 
     table   = paper_table(sim, primary, rho)           # [G, E]  e -> e or its most similar primary
     new_ids = ids[..., :S] ++ table[ids[..., S:]]      # secondary slots gathered through the table
 
-`reroute` is the public entry point. The two variants (the paper's rule and our rank-aware rule)
+`reroute` is the public entry point; `expert_slot_counts` / `used_experts` answer "which experts does a
+batch use" for every caller (the vLLM plugin's counters, fidelity, the baselines). The two variants (the paper's rule and our rank-aware rule)
 differ only in how the secondary slots are chosen (`_choose_paper` / `_choose_rank_aware`).
 """
 
@@ -39,12 +40,26 @@ class RerouteStats:
         return {k: v.tolist() for k, v in self.__dict__.items()}
 
 
+def expert_slot_counts(ids: torch.Tensor, num_experts: int, use: torch.Tensor | None = None) -> torch.Tensor:
+    """[G, N] or [G, T, k] expert ids (+ `use`, same shape, bool or int weight per slot) -> [G, E] int32:
+    how many used slots of each group chose each expert. No host synchronisation."""
+    g = ids.shape[0]
+    flat = ids.long().reshape(g, -1)
+    w = torch.ones_like(flat, dtype=torch.int32) if use is None else use.to(torch.int32).reshape(g, -1)
+    return torch.zeros(g, num_experts, dtype=torch.int32, device=ids.device).scatter_add_(1, flat, w)
+
+
+def used_experts(ids: torch.Tensor, num_experts: int, use: torch.Tensor | None = None) -> torch.Tensor:
+    """[G, E] bool: the experts a group's used slots run (see `expert_slot_counts`)."""
+    return expert_slot_counts(ids, num_experts, use) > 0
+
+
 def primary_mask(topk_ids: torch.Tensor, select_top_k: int, num_experts: int,
                  valid: torch.Tensor | None = None) -> torch.Tensor:
     """[G, T, k] ids (+ [G, T] bool valid) -> [G, E] bool: experts in some valid token's top-S."""
     g = topk_ids.shape[0]
     sel = topk_ids[..., :select_top_k].long().reshape(g, -1)
-    return _presence(sel, _slot_weights(valid, topk_ids.shape[:2], select_top_k, topk_ids.device), num_experts)
+    return used_experts(sel, num_experts, _slot_weights(valid, topk_ids.shape[:2], select_top_k, topk_ids.device))
 
 
 def paper_table(sim: torch.Tensor, primary: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,17 +164,11 @@ def _slot_weights(valid: torch.Tensor | None, gt: torch.Size, slots: int, device
     return valid.to(torch.int32).unsqueeze(-1).expand(g, t, slots).reshape(g, -1)
 
 
-def _presence(ids_flat: torch.Tensor, weights: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[G, N] ids with [G, N] int weights -> [G, E] bool (expert has a nonzero-weight slot)."""
-    counts = torch.zeros(ids_flat.shape[0], num_experts, dtype=torch.int32, device=ids_flat.device)
-    return counts.scatter_add_(1, ids_flat, weights) > 0
-
-
 def _stats(ids, new_ids, sec, new_sec, primary, valid, num_experts) -> RerouteStats:
     g, t, k = ids.shape
     w = _slot_weights(valid, ids.shape[:2], k, ids.device)
-    before = _presence(ids.long().reshape(g, -1), w, num_experts).sum(1)
-    after = _presence(new_ids.long().reshape(g, -1), w, num_experts).sum(1)
+    before = used_experts(ids.long().reshape(g, -1), num_experts, w).sum(1)
+    after = used_experts(new_ids.long().reshape(g, -1), num_experts, w).sum(1)
     n_primary = primary.sum(1)
     changed = new_sec != sec
     if valid is not None:

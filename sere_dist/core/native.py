@@ -4,7 +4,7 @@
     backend("cuda")                                          # "cuda" | "cpp" | "torch": what runs there
 
 Paths, fastest first: the CUDA kernel (tensors on a GPU, extension built with CUDA), the C++ CPU
-kernel (tensors on CPU), `sere_dist.reroute.reroute` (anything else: other devices, [G, T, k] ids,
+kernel (tensors on CPU), `sere_dist.core.reroute.reroute` (anything else: other devices, [G, T, k] ids,
 E > 512, k > 16, a failed build, or `SERE_NATIVE=0`). All paths give bit-identical ids, with
 similarities compared in float32 (the torch path widens a bf16/fp16 `sim` first).
 
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .reroute import reroute
+from sere_dist.core.reroute import reroute
 
 log = logging.getLogger("sere_dist")
 
@@ -54,13 +54,19 @@ _state: dict = {"tried": False, "loaded": False, "cuda": False, "library": None,
 
 
 def reroute_fast(topk_ids: torch.Tensor, sim: torch.Tensor, select_top_k: int, threshold: float,
-                 valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Re-route one batch's secondary slots (the paper's rule; DESIGN.md "The method, precisely").
+                 valid: torch.Tensor | None = None, *, expert_ranks: torch.Tensor | None = None) -> torch.Tensor:
+    """Re-route one batch's secondary slots: the paper's rule, or with `expert_ranks` ([E, R] bool
+    placement) the rank-aware rule (ARCHITECTURE.md, "Re-routing rules").
 
     topk_ids: [T, k] int32/int64 expert ids, ordered by router weight. sim: [E, E] float32, bf16 or
     fp16 on the same device. valid: optional [T] bool, False for padding. Returns new [T, k] ids of
     the same dtype (a new tensor; the input is not modified). No host synchronisation on any path.
+    The rank-aware rule has no native kernel yet and always runs the torch reference.
     """
+    if expert_ranks is not None:
+        sim32 = sim if sim.dtype == torch.float32 else sim.float()
+        return reroute(topk_ids, sim32, select_top_k, threshold, valid, expert_ranks=expert_ranks,
+                       with_stats=False)[0]
     path = _path_for(topk_ids, sim, valid)
     if path == "torch":
         return _torch_reroute(topk_ids, sim, select_top_k, threshold, valid)
@@ -173,11 +179,13 @@ def source_dir() -> Path:
     """Where the kernel sources are: $SERE_EXT_SRC, the repo's cuda_ext/, or the package's csrc/."""
     if os.environ.get("SERE_EXT_SRC"):
         return Path(os.environ["SERE_EXT_SRC"])
-    here = Path(__file__).resolve().parent
-    for cand in (here.parent / "cuda_ext", here / "csrc"):
-        if (cand / _SOURCES[0]).is_file():
+    package = Path(__file__).resolve().parents[1]          # sere_dist/
+    # a source checkout (editable install) has the repo's cuda_ext/; a wheel ships a copy in sere_dist/csrc/
+    candidates = (package.parent / "cuda_ext", package / "csrc")
+    for cand in candidates:
+        if all((cand / name).is_file() for name in _SOURCES + _HEADERS):
             return cand
-    raise FileNotFoundError(f"kernel sources not found in {here.parent / 'cuda_ext'} or {here / 'csrc'}")
+    raise FileNotFoundError(f"kernel sources not found in {candidates[0]} or {candidates[1]}")
 
 
 def cache_root() -> Path:

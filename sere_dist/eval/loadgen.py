@@ -436,9 +436,10 @@ def cluster_endpoint(serve_args: Mapping[str, Any], *, port: int = 8300, worker_
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    from .serving import DEFAULT_ARGS, build_app, resolve, wait_ready
+    from sere_dist.serve.app import build_app, resolve
+    from sere_dist.serve.endpoint import wait_ready
 
-    resolve(serve_args)  # bad arguments fail before any node starts
+    resolved = resolve(serve_args)  # bad arguments fail before any node starts; resolved once
     mem = 300 * 1024 ** 2
     # Starting a head records it as this host's "current" cluster (what a bare ray.init() or the ray
     # CLI joins); put back whatever was recorded so other clusters on the host keep being found.
@@ -453,18 +454,16 @@ def cluster_endpoint(serve_args: Mapping[str, Any], *, port: int = 8300, worker_
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
         last = f"worker{worker_nodes - 1}"
-        args = dict(serve_args)
-        cpus = float(args.get("cpus_per_worker") or 0.5)
-        args["placement"] = {"bundles": [{"CPU": cpus, last: 0.01}], "strategy": "PACK"}
-        ingress = dict(args.get("ingress") or {})
-        ingress["ray_actor_options"] = {"num_cpus": 0, "resources": {"head": 0.01}}
-        args["ingress"] = ingress
+        ingress = dict(resolved.ingress, ray_actor_options={"num_cpus": 0, "resources": {"head": 0.01}})
+        args = resolved.model_copy(update={
+            "placement": {"bundles": [{"CPU": resolved.cpus_per_worker, last: 0.01}], "strategy": "PACK"},
+            "ingress": ingress})
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(args), name=app_name, route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        model = args.get("model_id") or DEFAULT_ARGS["model_id"]
+        model = args.model_id
         wait_ready(url, model, timeout_s=timeout_s)
-        if args.get("baseline"):
+        if args.baseline:
             wait_ready(url, f"{model}-base", timeout_s=timeout_s)
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         yield url, nodes

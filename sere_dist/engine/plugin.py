@@ -36,23 +36,22 @@ import re
 import shutil
 import tempfile
 import threading
-import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import SereConfig, SereConfigError, _check_rho, _check_s
+from sere_dist.core import native
+from sere_dist.core.config import SereConfig, SereConfigError
+from sere_dist.core.native import reroute_fast
+from sere_dist.core.reroute import used_experts
+from sere_dist.engine.stats import COUNTERS, STATS_ENV, register_prometheus, start_writer
 
 log = logging.getLogger("sere_dist")
 
-STATS_ENV = "SERE_STATS_DIR"
-COUNTERS = ("distinct_experts_before", "distinct_experts_after", "rerouted_slots", "batches", "tokens")
 _LAYER_RE = re.compile(r"layers\.(\d+)\.")
-_USE_NATIVE = True  # False: always the torch reference (sere_dist.reroute) in the hook
 
 _state: dict[str, Any] = {"registered": False, "runners": [], "mask": None, "mask_host": None, "phase": "decode",
-                          "thread": None, "artifacts": {}, "records": {}}
+                          "artifacts": {}, "configs": {}, "records": {}}
 _lock = threading.Lock()
 
 
@@ -87,7 +86,7 @@ def register() -> None:
         d = tempfile.mkdtemp(prefix=f"sere-stats-{os.getpid()}-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         os.environ[STATS_ENV] = d
         atexit.register(shutil.rmtree, d, True)
-        _register_prometheus(d)
+        register_prometheus(d)
 
 
 SereMoERunner: Any = None
@@ -111,7 +110,8 @@ def _make_runner_class(base):
 # --------------------------------------------------------------------------------------------------
 
 def sere_config_from_vllm(vllm_config) -> SereConfig | None:
-    """SereConfig from `additional_config["sere"]`, or None when SERE is not configured."""
+    """SereConfig from `additional_config["sere"]` (parsed once per process per distinct setting), or
+    None when SERE is not configured or `enabled: false`."""
     add = getattr(vllm_config, "additional_config", None) or {}
     raw = add.get("sere") if isinstance(add, dict) else getattr(add, "sere", None)
     if raw is None:
@@ -121,31 +121,43 @@ def sere_config_from_vllm(vllm_config) -> SereConfig | None:
             raw = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise SereConfigError(f"additional_config.sere is not valid JSON: {exc}") from None
-    cfg = SereConfig.from_dict(raw)
-    if not cfg.enabled:
-        return None
-    if not cfg.artifact:
-        raise SereConfigError("sere.artifact is not set; pass the path of a similarity artifact "
-                              "(`sere calibrate` or the calibration job writes one)")
-    return cfg
+    try:
+        key = json.dumps(raw, sort_keys=True, default=str)
+    except TypeError:
+        key = repr(raw)
+    if key not in _state["configs"]:
+        cfg = SereConfig.from_dict(raw)
+        if cfg.enabled and not cfg.artifact:
+            raise SereConfigError("sere.artifact is not set; pass the path of a similarity artifact "
+                                  "(`sere calibrate` or the calibration job writes one)")
+        _state["configs"][key] = cfg if cfg.enabled else None
+    return _state["configs"][key]
 
 
 def validate_vllm_config(vllm_config) -> SereConfig | None:
     """Check the SERE settings against the model and the artifact; raise naming the bad field.
 
     Runs in the process that builds the engine configuration (the user's process for `LLM`, the API
-    server for `vllm serve`), so a bad setting fails there, before any engine process starts.
+    server for `vllm serve`, the Serve replica), so a bad setting fails there, before any engine
+    process starts.
     """
-    from .artifact import model_fingerprint
-
     cfg = sere_config_from_vllm(vllm_config)
-    if cfg is None:
-        return None
-    hf = vllm_config.model_config.hf_config
-    fp = model_fingerprint(getattr(hf, "get_text_config", lambda: hf)())
-    cfg.check_top_k(fp["top_k"], fp["moe_layers"])
-    _load_artifact(cfg.artifact, fp)
+    if cfg is not None:
+        _artifact(vllm_config, cfg)
     return cfg
+
+
+def _artifact(vllm_config, cfg: SereConfig):
+    """The artifact of this engine's model, through the one artifact-vs-model check (once per process)."""
+    from sere_dist.core.artifact import artifact_for_model
+    from sere_dist.core.model import model_fingerprint
+
+    fp = model_fingerprint(vllm_config.model_config.hf_config)
+    key = (cfg.model_dump_json(), fp.to_dict().__repr__())
+    art = _state["artifacts"].get(key)
+    if art is None:
+        art = _state["artifacts"][key] = artifact_for_model(cfg, fp)
+    return art
 
 
 def _wrap_create_engine_config(fn):
@@ -167,18 +179,6 @@ def layer_index(layer_name: str) -> int:
     return int(m.group(1))
 
 
-def _load_artifact(path: str, fingerprint: dict):
-    from .artifact import SimilarityArtifact
-
-    key = str(Path(path).resolve())
-    art = _state["artifacts"].get(key)
-    if art is None:
-        art = SimilarityArtifact.load(path)
-        art.check_model(fingerprint)
-        _state["artifacts"][key] = art
-    return art
-
-
 def _install(runner) -> None:
     from vllm.config import get_current_vllm_config
     from vllm.platforms import current_platform
@@ -198,20 +198,16 @@ def _install(runner) -> None:
     router._compute_routing = functools.partial(_compute_routing, runner, original)
     if cfg is not None:
         _state["runners"].append(runner)
-        _ensure_stats_thread()
+        start_writer(_local_stats)
 
 
 def _configure(runner, vcfg, cfg: SereConfig) -> None:
-    from .artifact import ArtifactError, model_fingerprint
+    from sere_dist.core.artifact import ArtifactError
 
-    hf = vcfg.model_config.hf_config
-    text_cfg = getattr(hf, "get_text_config", lambda: hf)()
-    fp = model_fingerprint(text_cfg)
+    art = _artifact(vcfg, cfg)                  # checked against the model once per process
     moe = runner.moe_config
-    k = int(moe.experts_per_token)
+    cfg.check_top_k(int(moe.experts_per_token))  # this layer's k (the model's, unless vLLM changed it)
     num_experts = int(getattr(moe, "num_logical_experts", None) or moe.num_experts)
-    cfg.check_top_k(k, fp["moe_layers"])
-    art = _load_artifact(cfg.artifact, fp)
     layer = layer_index(runner.layer_name)
     sim = art.matrices.get(layer)
     if sim is None:
@@ -236,9 +232,7 @@ def _configure(runner, vcfg, cfg: SereConfig) -> None:
         runner.register_buffer("_sere_expert_ranks", _expert_ranks(runner, num_experts).to(device), persistent=False)
     else:
         runner._sere_expert_ranks = None
-    if _USE_NATIVE and cfg.mode == "paper":
-        from . import native
-        native.load_extension()  # build / load eagerly: nothing is built while Dynamo traces
+    native.load_extension()  # build / load eagerly: nothing is built while Dynamo traces
     log.info("SERE on %s: layer %d, S=%d, rho=%.3g, phase=%s, mode=%s", runner.layer_name, layer, s, rho,
              cfg.phase, cfg.mode)
 
@@ -256,7 +250,7 @@ def _token_mask(vcfg, phase: str) -> torch.Tensor:
 
 def _expert_ranks(runner, num_experts: int) -> torch.Tensor:
     """[E, R] placement of this layer's experts under vLLM's expert parallelism (R = 1 without EP)."""
-    from .reroute import expert_ranks_for
+    from sere_dist.core.reroute import expert_ranks_for
 
     experts = runner.routed_experts
     ep_size = int(experts.moe_config.moe_parallel_config.ep_size) if experts.use_ep else 1
@@ -297,27 +291,18 @@ def _sere(runner, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _reroute(runner, sorted_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """The one re-routing call: native kernel (paper rule) or the torch reference."""
-    sim, s, rho = runner._sere_sim, runner._sere_s, runner._sere_rho
-    if runner._sere_expert_ranks is not None:
-        from .reroute import reroute
-        return reroute(sorted_ids, sim, s, rho, valid, expert_ranks=runner._sere_expert_ranks, with_stats=False)[0]
-    if _USE_NATIVE:
-        from .native import reroute_fast
-        return reroute_fast(sorted_ids, sim, s, rho, valid)
-    from .reroute import reroute
-    return reroute(sorted_ids, sim, s, rho, valid, with_stats=False)[0]
+    """The one re-routing call (the core dispatcher picks the kernel for the rule and device)."""
+    return reroute_fast(sorted_ids, runner._sere_sim, runner._sere_s, runner._sere_rho, valid,
+                        expert_ranks=runner._sere_expert_ranks)
 
 
 def _count(runner, ids: torch.Tensor, new_ids: torch.Tensor, valid: torch.Tensor) -> None:
     e = runner._sere_sim.shape[0]
-    t, k = ids.shape
-    w = valid.to(torch.int32).unsqueeze(-1).expand(t, k)
-    before = torch.zeros(e, dtype=torch.int32, device=ids.device).scatter_add_(0, ids.long().reshape(-1), w.reshape(-1))
-    after = torch.zeros(e, dtype=torch.int32, device=ids.device).scatter_add_(0, new_ids.long().reshape(-1),
-                                                                                w.reshape(-1))
+    use = valid.unsqueeze(-1).expand(ids.shape).unsqueeze(0)
+    before = used_experts(ids.unsqueeze(0), e, use)
+    after = used_experts(new_ids.unsqueeze(0), e, use)
     n_valid = valid.sum()
-    runner._sere_counts += torch.stack([(before > 0).sum(), (after > 0).sum(),
+    runner._sere_counts += torch.stack([before.sum(), after.sum(),
                                         ((new_ids != ids) & valid.unsqueeze(-1)).sum(),
                                         (n_valid > 0).long(), n_valid]).to(torch.int64)
 
@@ -414,112 +399,3 @@ def _worker_control(self, enabled: bool | None = None, select_top_k: int | None 
     return len(_state["runners"])
 
 
-def sere_control(llm, enabled: bool | None = None, select_top_k: int | None = None,
-                 threshold: float | None = None, reset: bool = False) -> None:
-    """Change SERE settings of a running eager offline engine (benchmarks and tests: pairwise runs
-    in one engine). S outside 1..k or rho outside [0, 1] raises SereConfigError and changes nothing."""
-    if threshold is not None:
-        _check_rho("threshold", threshold)
-    if select_top_k is not None:
-        from .artifact import model_fingerprint
-        _check_s("select_top_k", select_top_k)
-        hf = llm.llm_engine.model_config.hf_config
-        k = model_fingerprint(getattr(hf, "get_text_config", lambda: hf)())["top_k"]
-        if select_top_k > k:
-            raise SereConfigError(f"select_top_k={select_top_k} exceeds the model's top-k ({k})")
-    llm.collective_rpc("sere_control", kwargs=dict(enabled=enabled, select_top_k=select_top_k,
-                                                  threshold=threshold, reset=reset))
-
-
-def _writer_rank() -> str | None:
-    """File name for this worker's stats, or None when another rank of its TP group reports them."""
-    try:
-        from vllm.distributed.parallel_state import get_dp_group, get_tensor_model_parallel_rank
-        if get_tensor_model_parallel_rank() != 0:
-            return None
-        return f"dp{get_dp_group().rank_in_group}"
-    except Exception:  # noqa: BLE001 - not initialised (single process): one writer
-        return "dp0"
-
-
-def _ensure_stats_thread() -> None:
-    if _state["thread"] is not None or not os.environ.get(STATS_ENV):
-        return
-
-    def loop(d: str) -> None:
-        name = None
-        while True:
-            time.sleep(1.0)
-            try:
-                name = name or _writer_rank()
-                if name is None:
-                    return
-                data = json.dumps({"pid": os.getpid(), "layers": _local_stats()})
-                tmp = Path(d) / f".{name}.{os.getpid()}.tmp"
-                tmp.write_text(data)
-                os.replace(tmp, Path(d) / f"{name}.json")
-            except Exception:  # noqa: BLE001 - stats export must never take the engine down
-                if not os.path.isdir(d):
-                    return
-
-    th = threading.Thread(target=loop, args=(os.environ[STATS_ENV],), name="sere-stats", daemon=True)
-    _state["thread"] = th
-    th.start()
-
-
-def read_stats_dir(d: str | os.PathLike) -> dict[int, dict[str, int]]:
-    """Sum the per-rank stats files in a stats directory: {layer: {counter: value}}."""
-    total: dict[int, dict[str, int]] = {}
-    for f in sorted(Path(d).glob("*.json")):
-        try:
-            layers = json.loads(f.read_text())["layers"]
-        except (OSError, ValueError, KeyError):
-            continue
-        for layer, vals in layers.items():
-            acc = total.setdefault(int(layer), dict.fromkeys(COUNTERS, 0))
-            for c in COUNTERS:
-                acc[c] += int(vals.get(c, 0))
-    return total
-
-
-def _register_prometheus(d: str) -> None:
-    try:
-        from prometheus_client import REGISTRY
-        from prometheus_client.core import CounterMetricFamily
-    except ImportError:
-        return
-
-    class SereCollector:
-        def collect(self):
-            stats = read_stats_dir(d)
-            helps = {"distinct_experts_before": "Distinct experts used per MoE layer before SERE, summed over batches",
-                     "distinct_experts_after": "Distinct experts used per MoE layer after SERE, summed over batches",
-                     "rerouted_slots": "Top-k slots SERE moved to another expert",
-                     "batches": "Forward batches with at least one re-routable token",
-                     "tokens": "Tokens eligible for re-routing"}
-            for c in COUNTERS:
-                fam = CounterMetricFamily(f"sere_{c}", helps[c], labels=["layer"])
-                for layer, vals in sorted(stats.items()):
-                    fam.add_metric([str(layer)], vals[c])
-                yield fam
-
-    try:
-        REGISTRY.register(SereCollector())
-    except ValueError:  # already registered in this process
-        pass
-
-
-def sere_stats(llm) -> dict[int, dict[str, int]]:
-    """Offline accessor: {layer: {distinct_experts_before, distinct_experts_after, rerouted_slots,
-    batches, tokens}} summed since start, from the first worker (TP ranks see the same routing)."""
-    res = llm.collective_rpc("sere_stats")
-    first = res[0] if res else {}
-    return {int(k): v for k, v in first.items()}
-
-
-def sere_records(llm) -> dict[int, list]:
-    """Debug (sere.record > 0): the first recorded batches per layer, as router gave them (sorted by
-    weight) with the valid mask and the re-routed ids, from the first worker."""
-    res = llm.collective_rpc("sere_records")
-    first = res[0] if res else {}
-    return {int(k): v for k, v in first.items()}

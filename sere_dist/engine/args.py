@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import SereConfig
+from sere_dist.core.config import SereConfig
 
 
 def engine_kwargs(model: str, sere: SereConfig | dict | None = None, *, dtype: str = "bfloat16",

@@ -204,7 +204,7 @@ def reroute_per_rank(topk_ids: torch.Tensor, src_rank: torch.Tensor, num_ranks: 
 
     expert_ranks: [E, R] bool placement; given, the rank-aware rule is used, else the paper's rule.
     """
-    from .reroute import reroute
+    from sere_dist.core.reroute import reroute
 
     out = topk_ids.clone()
     for r in range(num_ranks):

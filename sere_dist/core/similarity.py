@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import METRICS
+from sere_dist.core.config import METRICS
 
 _EPS = 1e-12
 

@@ -1,0 +1,2 @@
+"""Calibration: calibration text, model capture with transformers, the one pipeline (single process
+or Ray Data) that turns text into a similarity artifact, and its report (stats tables, heatmaps)."""
