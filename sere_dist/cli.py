@@ -90,10 +90,12 @@ def _calibrate(args: argparse.Namespace) -> int:
     """
     import os
 
-    from sere_dist.calibration.pipeline import CalibrationJob, prepare, run
+    from sere_dist.calibration.pipeline import CalibrationJob, is_uri, prepare, run
     from sere_dist.calibration.report import stats_table, summary_line
 
-    job = CalibrationJob(model=str(Path(args.model).resolve()), out=str(Path(args.out).resolve()), data=args.data,
+    # in this process a relative --out means the current directory; a Ray job runs elsewhere (refused there)
+    out = args.out if args.ray or is_uri(args.out) else str(Path(args.out).resolve())
+    job = CalibrationJob(model=str(Path(args.model).resolve()), out=out, data=args.data,
                          text_column=args.text_column, split=args.split, metric=args.metric,
                          num_samples=args.num_samples, seq_len=args.seq_len, keep_longer_only=not args.keep_short,
                          shuffle=args.shuffle, seed=args.seed, batch_size=args.batch_size,
@@ -250,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     except ActorStartError as exc:
         print(f"sere {args.cmd}: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        done = "; nothing was written (outputs appear only when complete)" if args.cmd == "calibrate" else ""
+        print(f"sere {args.cmd}: interrupted{done}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

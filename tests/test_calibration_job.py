@@ -221,7 +221,8 @@ def test_parquet_jsonl_and_datasets_directory_give_the_same_tokens(models, tmp_p
 # ------------------------------------------------------------------ the real `ray job submit` CLI
 
 def test_ray_job_submit_cli_against_a_ray_start_head_writes_the_artifact(models, tmp_path):
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    # as the README says: Ray 2.60's default token auth, the CLI told to send the token
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     temp = Path("/tmp/cal_ray")
     # worker ports must not cover the client port; the agent's HTTP port is random (52365 may be taken)

@@ -35,3 +35,20 @@ def test_make_model_then_calibrate_then_refuse_to_overwrite(tmp_path):
     again = run("calibrate", "--model", str(model), "--out", str(art), "--num-samples", "4", "--seq-len", "32",
                 check=False)
     assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def test_calibrate_writes_to_a_filesystem_uri_with_its_report(tmp_path):
+    from sere_dist.core.artifact import SimilarityArtifact
+
+    model = tmp_path / "m"
+    run("make-model", str(model), "--kind", "planted", "--experts", "8", "--top-k", "2")
+    dest = tmp_path / "bucket" / "sim"
+    p = run("calibrate", "--model", str(model), "--out", dest.as_uri(), "--num-samples", "4", "--seq-len", "32")
+    assert dest.as_uri() in p.stdout
+    assert SimilarityArtifact.load(dest).fingerprint["num_experts"] == 8
+    assert {f.name for f in dest.iterdir()} >= {"similarity.safetensors", "metadata.json", "stats.csv", "stats.md",
+                                                "heatmaps.png"}
+    assert [f.name for f in dest.parent.iterdir()] == ["sim"]          # no temporary sibling left behind
+    again = run("calibrate", "--model", str(model), "--out", dest.as_uri(), "--num-samples", "4", "--seq-len", "32",
+                check=False)
+    assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr

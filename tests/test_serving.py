@@ -5,6 +5,7 @@ disturbs the endpoint. The first group checks configuration errors before anythi
 """
 
 import asyncio
+import json
 import shutil
 import tempfile
 import threading
@@ -25,6 +26,7 @@ from sere_dist.serve.endpoint import local_endpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 PORT = 8200
+METRICS_PORT = 8290                                   # Ray's Prometheus export of this test's cluster
 MODEL = "sere-tiny"
 QUEUE = {"max_ongoing_requests": 6, "max_queued_requests": 2}
 STATS = tempfile.mkdtemp(prefix="sere-test-stats-")   # the vLLM plugin's SERE counters land here
@@ -78,15 +80,15 @@ def test_local_checkpoint_skips_ray_download_tasks_and_a_hub_id_does_not():
     # Ray Serve LLM's per-node "download" task only returns a local path, at the cost of a fresh worker
     from ray.serve.llm import LLMConfig
 
-    from sere_dist.serve.ray_internals import LocalCheckpoint
+    from sere_dist.serve.ray_internals import SereReplicaCallback
 
     (cfg,) = llm_config_dicts(resolve({}))
     hub = dict(cfg, model_loading_config={"model_id": "m", "model_source": "Qwen/Qwen1.5-MoE-A2.7B"})
     skipped = []
     for c in (cfg, hub):
         llm = LLMConfig.model_validate(c)
-        cb = LocalCheckpoint(llm_config=llm)
-        assert llm.callback_config.callback_class == "sere_dist.serve.ray_internals:LocalCheckpoint"
+        cb = SereReplicaCallback(llm_config=llm)
+        assert llm.callback_config.callback_class == "sere_dist.serve.ray_internals:SereReplicaCallback"
         asyncio.run(cb.on_before_node_init())
         skipped.append(not cb.ctx.run_init_node)
     assert skipped == [True, False]
@@ -122,7 +124,7 @@ def test_gpu_configs_are_valid_ray_serve_llm_and_vllm_arguments(source):
 
 @pytest.fixture(scope="module")
 def url():
-    with local_endpoint(ARGS, port=PORT, name="sere-test") as u:
+    with local_endpoint(ARGS, port=PORT, name="sere-test", metrics_port=METRICS_PORT) as u:
         yield u
     shutil.rmtree(STATS, ignore_errors=True)
 
@@ -242,6 +244,93 @@ def test_prompt_longer_than_the_context_is_400(url):
 
 @pytest.mark.vllm
 @pytest.mark.ray
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_a_body_that_is_not_json_is_400_naming_the_content_type(url, content_type):
+    headers = {"content-type": content_type} if content_type else {}
+    r = httpx.post(f"{url}/v1/completions", content=json.dumps({"model": MODEL, "prompt": "x"}).encode(),
+                   headers=headers, timeout=30)
+    assert r.status_code == 400 and "Content-Type must be application/json" in r.json()["error"]["message"]
+
+
+@pytest.mark.vllm
+@pytest.mark.ray
+def test_a_body_over_the_size_limit_is_413(url):
+    body = json.dumps({"model": MODEL, "prompt": "x" * (2 * 1024 * 1024), "max_tokens": 1}).encode()
+    r = httpx.post(f"{url}/v1/completions", content=body, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413 and "exceeds the limit of 1048576 bytes" in r.json()["error"]["message"]
+
+
+@pytest.mark.vllm
+@pytest.mark.ray
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"prompt": "def f(x): " * 20}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "def f(x): " * 20}]}),
+])
+def test_prompt_plus_max_tokens_beyond_the_context_is_400_not_a_short_answer(url, path, body):
+    r = post(url, path, {"model": MODEL, **body, "max_tokens": 200})
+    assert r.status_code == 400, r.text
+    assert "exceed this model's context of 256" in r.json()["error"]["message"]
+    fits = post(url, path, {"model": MODEL, **body, "max_tokens": 8, "ignore_eos": True})
+    assert fits.status_code == 200 and fits.json()["usage"]["completion_tokens"] == 8
+
+
+@pytest.mark.vllm
+@pytest.mark.ray
+def test_n_above_the_configured_cap_is_400(url):
+    r = post(url, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2, "n": 9})
+    assert r.status_code == 400 and "limit of 8" in r.json()["error"]["message"]
+    assert post(url, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2, "n": 2}).status_code == 200
+
+
+@pytest.mark.vllm
+@pytest.mark.ray
+def test_a_streamed_completion_arrives_token_by_token(url):
+    n, pieces, times = 24, [], []
+    with httpx.stream("POST", f"{url}/v1/completions", json={"model": MODEL, "prompt": "def f(x):", "max_tokens": n,
+                                                            "ignore_eos": True, "stream": True}, timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                pieces.append(json.loads(line[6:])["choices"][0]["text"])
+                times.append(time.perf_counter())
+    # one SSE event per generated token (Ray Serve LLM's 50 ms batching would merge them into a few)
+    assert len(pieces) >= 0.9 * n, len(pieces)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert sorted(gaps)[len(gaps) // 2] > 0.0005, gaps      # spread in time, not one burst
+
+
+@pytest.mark.vllm
+@pytest.mark.ray
+def test_sere_counters_are_on_rays_metrics_export_and_move_with_traffic(url):
+    def scrape():
+        text = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=30).text
+        sere, vllm = {}, False
+        for line in text.splitlines():
+            if line.startswith("ray_vllm"):
+                vllm = True
+            if line.startswith("ray_sere_tokens_total{") and f'model_id="{MODEL}"' in line:
+                layer = line.split('layer="')[1].split('"')[0]
+                sere[layer] = float(line.rsplit(" ", 1)[1])
+        return sere, vllm
+
+    for _ in range(3):
+        assert post(url, "/v1/completions", {"model": MODEL, "prompt": "def", "max_tokens": 8}).status_code == 200
+    deadline, before = time.time() + 60, ({}, False)
+    while time.time() < deadline and not (before[0] and before[1]):
+        time.sleep(2)
+        before = scrape()
+    assert sorted(before[0]) == ["0", "1", "2", "3"], before   # every MoE layer, per model
+    assert before[1], "the vLLM engine metrics are exported next to the SERE counters"
+    for _ in range(3):
+        assert post(url, "/v1/completions", {"model": MODEL, "prompt": "import", "max_tokens": 8}).status_code == 200
+    deadline, after = time.time() + 60, before
+    while time.time() < deadline and not all(after[0][k] > before[0][k] for k in before[0]):
+        time.sleep(2)
+        after = scrape()
+    assert all(after[0][k] > before[0][k] for k in before[0]), (before, after)
+
+
+@pytest.mark.vllm
+@pytest.mark.ray
 def test_overload_past_the_queue_limit_gets_503_and_the_endpoint_still_answers(url):
     n = 24   # three times the ingress limits (max_ongoing 6 + max_queued 2)
     async def burst():
@@ -264,6 +353,76 @@ def test_overload_past_the_queue_limit_gets_503_and_the_endpoint_still_answers(u
             assert "backpressure" in r.text
     r = post(url, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2})
     assert r.status_code == 200
+
+
+def _wait_for_engine(raylet_pid: int, timeout_s: float = 120) -> list:
+    """The vLLM EngineCore processes among this test's raylet's descendants (waits for at least one)."""
+    import psutil
+
+    deadline = time.time() + timeout_s
+    while True:
+        found = []
+        for p in psutil.Process(raylet_pid).children(recursive=True):
+            try:
+                if "VLLM::EngineCore" in " ".join(p.cmdline()):
+                    found.append(p)
+            except psutil.Error:
+                continue
+        if found or time.time() > deadline:
+            return found
+        time.sleep(1)
+
+
+@pytest.mark.vllm
+@pytest.mark.ray
+def test_engine_killed_under_load_answers_503_not_500_until_a_new_replica_serves(url):
+    import psutil
+    import ray
+
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    (engine,) = _wait_for_engine(raylet)
+    sent, records, killed = [0], [], {}
+    stop = threading.Event()
+
+    def client():
+        while not stop.is_set():
+            sent[0] += 1
+            t = time.time()
+            try:
+                code = post(url, "/v1/completions", {"model": MODEL, "prompt": "def", "max_tokens": 8}).status_code
+            except httpx.HTTPError as exc:
+                code = type(exc).__name__
+            records.append((t, code))
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for th in threads:
+        th.start()
+    time.sleep(2)
+    killed["at"] = time.time()
+    engine.kill()
+    deadline = killed["at"] + 300
+    recovered = None
+    while time.time() < deadline and recovered is None:
+        time.sleep(0.5)
+        after = sorted(r for r in records if r[0] > killed["at"])
+        failed = [i for i, r in enumerate(after) if r[1] != 200]
+        if failed and len(after) - failed[-1] > 8:           # 8 successes in a row after the last failure
+            recovered = after[failed[-1] + 1][0] - killed["at"]
+    stop.set()
+    for th in threads:
+        th.join(timeout=120)
+    codes = [c for _, c in records]
+    after = [c for t, c in records if t > killed["at"]]
+    print(f"engine kill: {after.count(503)} x 503 then a new replica served after {recovered} s; "
+          f"{len(records)} requests, {codes.count(200)} x 200")
+    assert recovered is not None, f"no recovery within 300 s: {after[-20:]}"
+    assert len(records) == sent[0]                             # every request answered: 200 or 503
+    assert set(codes) <= {200, 503} and 503 in after, sorted(set(map(str, codes)))
+    # the controller never unpickled vLLM's exception (which imported torch into it, ~460 MiB for good)
+    (controller,) = [p for p in psutil.Process(raylet).children(recursive=True)
+                     if "ServeController" in " ".join(p.cmdline())]
+    assert "libtorch" not in Path(f"/proc/{controller.pid}/maps").read_text()
 
 
 @pytest.mark.vllm

@@ -32,8 +32,10 @@ nothing behind.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import random
 import resource
 import time
@@ -56,6 +58,57 @@ log = logging.getLogger("sere_dist")
 GRAM_METRICS = ("frobenius", "cosine")
 
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
+
+
+def is_uri(path: str) -> bool:
+    """A filesystem URI (file://, s3://, gs://, hdfs://...) rather than a local path."""
+    return "://" in path
+
+
+def _out_fs(out: str):
+    """(pyarrow filesystem, path inside it) for an --out URI; errors name the option."""
+    import pyarrow.fs
+
+    try:
+        return pyarrow.fs.FileSystem.from_uri(out)
+    except Exception as exc:  # noqa: BLE001 - unknown scheme, missing credentials, ...
+        raise ConfigError(f"--out {out}: pyarrow cannot open this filesystem URI ({exc})") from None
+
+
+def _out_exists(out: str) -> bool:
+    if not is_uri(out):
+        return Path(out).exists()
+    import pyarrow.fs
+
+    fs, path = _out_fs(out)
+    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+def _write(art: SimilarityArtifact, out: str, overwrite: bool, extra_files: dict[str, bytes]) -> Path | str:
+    """Write the artifact atomically to a local path, or to a filesystem URI through pyarrow (written
+    locally first, copied to a temporary sibling, then moved into place)."""
+    if not is_uri(out):
+        return art.save(out, overwrite=overwrite, extra_files=extra_files)
+    import tempfile
+
+    import pyarrow.fs
+
+    fs, path = _out_fs(out)
+    with tempfile.TemporaryDirectory(prefix="sere-artifact-") as d:
+        local = art.save(Path(d) / "artifact", extra_files=extra_files)
+        tmp = f"{path.rstrip('/')}.tmp-{os.getpid()}"
+        try:
+            fs.create_dir(tmp, recursive=True)
+            pyarrow.fs.copy_files(str(local), tmp, destination_filesystem=fs)
+            if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+                if not overwrite:
+                    fs.delete_dir(tmp)
+                    raise ArtifactError(f"--out {out} exists; pass --overwrite to replace it")
+                fs.delete_dir(path)
+            fs.move(tmp, path)
+        except OSError as exc:
+            raise ArtifactError(f"--out {out}: could not write the artifact there ({exc})") from None
+    return out
 
 
 class CalibrationJob(StrictModel):
@@ -88,6 +141,16 @@ class CalibrationJob(StrictModel):
     overwrite: StrictBool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
+    @field_validator("out")
+    @classmethod
+    def _absolute_or_uri(cls, v: str) -> str:
+        if is_uri(v) or os.path.isabs(v):
+            return v
+        raise ConfigError(
+            f"--out {v} is a relative path: a Ray job runs in a temporary working directory, so the artifact "
+            f"would be written there and lost; give an absolute path (e.g. {os.path.abspath(v)}) or a "
+            f"filesystem URI (file:///..., s3://bucket/...)")
+
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, v: str) -> str:
@@ -112,7 +175,7 @@ class Prepared:
 @dataclass
 class Result:
     artifact: SimilarityArtifact
-    out: Path
+    out: Path | str                      # a local directory, or the filesystem URI it was written to
     report: dict[str, Any] = field(default_factory=dict)
 
 
@@ -123,38 +186,80 @@ def load_texts(data: str | None, text_column: str = "text", split: str = "train"
 
     data: None (the Python stdlib corpus that ships with every machine), a .jsonl/.json/.parquet
     file, a directory (`datasets.save_to_disk` output, or data files `datasets` can load), or a
-    Hugging Face dataset name (needs a reachable hub). Raises ValueError naming a missing column.
+    Hugging Face dataset name (needs a reachable hub). Every failure is a ValueError naming the file:
+    missing, empty, not JSON Lines, unreadable, or without the text column.
     """
     if data is None:
         from sere_dist.calibration.corpus import split_corpus, stdlib_documents
         return split_corpus(stdlib_documents())[0], "python-stdlib (sere_dist.calibration.corpus, training split)"
-    import datasets
-
     p = Path(data)
+    suffix = p.suffix.lower()
     if p.is_file():
-        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(p.suffix)
-        if kind is None:
+        if p.stat().st_size == 0:
+            raise ValueError(f"--data {data}: the file is empty; it needs one text per row (column {text_column!r})")
+        if suffix == ".jsonl":
+            return _jsonl_texts(p, text_column), f"{data} (column {text_column!r})"
+        if suffix not in (".json", ".parquet"):
             raise ValueError(f"--data {data}: unsupported file type {p.suffix!r}; use .jsonl, .json or .parquet")
-        ds = datasets.load_dataset(kind, data_files=str(p), split="train")
+        ds = _load_dataset(data, lambda d: d.load_dataset("json" if suffix == ".json" else "parquet",
+                                                          data_files=str(p), split="train"))
     elif p.is_dir():
-        if (p / "dataset_info.json").exists() or (p / "state.json").exists():
-            ds = datasets.load_from_disk(str(p))
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds[split]
-        else:
-            ds = datasets.load_dataset(str(p), split=split)
-    elif p.is_absolute() or data.startswith("."):
+        def from_dir(d):
+            if (p / "dataset_info.json").exists() or (p / "state.json").exists():
+                out = d.load_from_disk(str(p))
+                return out[split] if isinstance(out, d.DatasetDict) else out
+            return d.load_dataset(str(p), split=split)
+        ds = _load_dataset(data, from_dir)
+    elif p.is_absolute() or data.startswith(".") or suffix in (".jsonl", ".json", ".parquet"):
         raise ValueError(f"--data {data}: no such file or directory")
     else:
-        try:
-            ds = datasets.load_dataset(data, split=split)
-        except Exception as exc:  # noqa: BLE001 - any hub failure becomes one clear message
-            raise ValueError(f"--data {data!r} is not a local file or directory and could not be loaded as a "
-                             f"Hugging Face dataset ({type(exc).__name__}: {exc})") from exc
+        ds = _load_dataset(data, lambda d: d.load_dataset(data, split=split), hub=True)
     if text_column not in ds.column_names:
         raise ValueError(f"--data {data}: no {text_column!r} column (columns: {ds.column_names}); "
                          f"pass --text-column to name the text column")
     return (row[text_column] for row in ds), f"{data} (column {text_column!r})"
+
+
+def _load_dataset(data: str, load: Callable[[Any], Any], hub: bool = False):
+    import datasets
+
+    try:
+        return load(datasets)
+    except Exception as exc:  # noqa: BLE001 - any loader failure becomes one line naming the input
+        what = ("is not a local file or directory and could not be loaded as a Hugging Face dataset" if hub
+                else "could not be read")
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ValueError(f"--data {data!r} {what} ({type(exc).__name__}: {first[:300]})") from None
+
+
+def _jsonl_texts(path: Path, text_column: str) -> list[str]:
+    """The text column of a JSON Lines file, checked line by line (blank lines are skipped)."""
+    texts: list[str] = []
+    columns: list[str] | None = None
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"--data {path}: line {n} is not JSON ({exc.msg}); expected JSON Lines: one "
+                                 f"object per line with a {text_column!r} field") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"--data {path}: line {n} is a JSON {type(row).__name__}, not an object with a "
+                                 f"{text_column!r} field")
+            if columns is None:
+                columns = list(row)
+            if text_column not in row:
+                raise ValueError(f"--data {path}: no {text_column!r} column (columns: {columns}); "
+                                 f"pass --text-column to name the text column")
+            if not isinstance(row[text_column], str):
+                raise ValueError(f"--data {path}: line {n}: {text_column!r} is a {type(row[text_column]).__name__}, "
+                                 f"not a string")
+            texts.append(row[text_column])
+    if not texts:
+        raise ValueError(f"--data {path}: no rows (only blank lines); it needs one JSON object per line")
+    return texts
 
 
 def prepare(job: CalibrationJob) -> Prepared:
@@ -165,9 +270,8 @@ def prepare(job: CalibrationJob) -> Prepared:
     from sere_dist.calibration.corpus import digest
     from sere_dist.core.model import checkpoint_fingerprint
 
-    out = Path(job.out)
-    if out.exists() and not job.overwrite:
-        raise ArtifactError(f"--out {out} exists; pass --overwrite to replace it")
+    if _out_exists(job.out) and not job.overwrite:
+        raise ArtifactError(f"--out {job.out} exists; pass --overwrite to replace it")
     if not (Path(job.model) / "config.json").exists():
         raise ArtifactError(f"--model {job.model}: no checkpoint there (config.json missing)")
     fp = checkpoint_fingerprint(job.model)           # refuses a dense model
@@ -414,7 +518,7 @@ def run(prep: Prepared, *, use_ray: bool = True,
     art = SimilarityArtifact(matrices=mats, fingerprint=fp, metric=job.metric, tokens=n_tok,
                              data_digest=prep.data_digest,
                              extra={"calibration": {k: report[k] for k in ("source", "job")}})
-    out = art.save(job.out, overwrite=job.overwrite, extra_files=report_files(art, report))
+    out = _write(art, job.out, job.overwrite, report_files(art, report))
     return Result(artifact=art, out=out, report=report)
 
 

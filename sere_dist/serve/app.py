@@ -23,8 +23,9 @@ from sere_dist.engine.args import engine_kwargs
 from sere_dist.engine.stats import STATS_ENV
 from sere_dist.serve.config import ServeArgs, ServingConfigError
 
-# Ray Serve LLM start-up hook for local checkpoints (the one place that imports ray.llm internals)
-LOCAL_CHECKPOINT_CALLBACK = "sere_dist.serve.ray_internals:LocalCheckpoint"
+# Ray Serve LLM replica start-up hook (local checkpoints, SERE metrics); see ray_internals
+REPLICA_CALLBACK = "sere_dist.serve.ray_internals:SereReplicaCallback"
+SERVER_CLS = "sere_dist.serve.ray_internals:SereLLMServer"
 
 
 def resolve(args: Mapping[str, Any] | ServeArgs | None) -> ServeArgs:
@@ -79,11 +80,15 @@ def llm_config_dicts(args: ServeArgs) -> list[dict[str, Any]]:
     else:
         placement = {"bundles": [{"GPU": 1, "CPU": 1}] * tp, "strategy": "PACK"}
     deployment = dict(args.deployment)
+    deployment.setdefault("health_check_period_s", args.health_check_period_s)
+    deployment.setdefault("health_check_timeout_s", args.health_check_timeout_s)
     if args.accelerator == "cpu":
         deployment.setdefault("ray_actor_options", {"num_cpus": args.cpus_per_worker})
     variants = [(args.model_id, args.sere)]
     if args.baseline:
         variants.append((f"{args.model_id}-base", None))
+    # data-parallel deployments use Ray Serve LLM's own DPServer
+    server = {"server_cls": SERVER_CLS} if int(engine.get("data_parallel_size", 1)) == 1 else {}
     out = []
     for model_id, sere in variants:
         kw = engine_kwargs(model, sere=sere, **engine)
@@ -97,16 +102,21 @@ def llm_config_dicts(args: ServeArgs) -> list[dict[str, Any]]:
             "placement_group_config": placement,
             "runtime_env": {"env_vars": env},
             "deployment_config": copy.deepcopy(deployment),
-            "log_engine_metrics": False,
-            # a local checkpoint needs no per-node download tasks (see ray_internals)
-            "callback_config": {"callback_class": LOCAL_CHECKPOINT_CALLBACK},
+            "log_engine_metrics": args.engine_metrics,
+            **server,
+            "experimental_configs": {"stream_batching_interval_ms": args.stream_batching_ms},
+            # local checkpoints skip the per-node download tasks; SERE replicas export their counters
+            "callback_config": {"callback_class": REPLICA_CALLBACK,
+                                "callback_kwargs": {"sere_metrics": bool(sere is not None and args.engine_metrics)}},
         })
     return out
 
 
 def build_app(args: Mapping[str, Any] | ServeArgs | None = None):
     """Serve application builder (`import_path: sere_dist.serve:build_app`)."""
-    from ray.serve.llm import build_dp_openai_app, build_openai_app
+    from ray.serve.llm import build_dp_openai_app
+
+    from sere_dist.serve.ray_internals import build_openai_app_guarded
 
     r = resolve(args)
     configs = llm_config_dicts(r)
@@ -117,4 +127,4 @@ def build_app(args: Mapping[str, Any] | ServeArgs | None = None):
         if len(configs) > 1:
             raise ServingConfigError("baseline: true is not supported with data_parallel_size > 1")
         return build_dp_openai_app({"llm_config": configs[0], "ingress_deployment_config": ingress})
-    return build_openai_app({"llm_configs": configs, "ingress_deployment_config": ingress})
+    return build_openai_app_guarded(configs, ingress, max_n=r.limits.max_n, max_body_bytes=r.limits.max_body_bytes)

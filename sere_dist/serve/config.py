@@ -10,6 +10,11 @@
     accelerator: cpu | gpu (default cpu); placement: Ray placement group config (default per accelerator)
     cpus_per_worker: CPU share of each engine bundle on the CPU backend (default 0.5)
     deployment: Serve options of each LLM replica; ingress: Serve options of the ingress (queue limits)
+    stream_batching_ms: 0 (default) streams every token as it is generated; > 0 groups stream chunks for
+        that many ms (Ray Serve LLM's own default is 50 ms: fewer, larger chunks)
+    engine_metrics: export the vLLM engine metrics and the SERE counters on Ray's metrics port (default true)
+    health_check_period_s / health_check_timeout_s: how fast Serve notices a dead engine (default 1 / 5)
+    limits: {max_n: 8, max_body_bytes: 1048576}: `n` above max_n is a 400, a larger body a 413
 
 A wrong type, a negative CPU share or an unknown key raises `ServingConfigError` (one line naming the
 field and the fix); a bad SERE setting raises `SereConfigError`.
@@ -23,7 +28,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, PrivateAttr, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from sere_dist.core.config import ConfigError, SereConfig, StrictModel
+from sere_dist.core.config import ConfigError, Fields, SereConfig, StrictModel
 
 DEFAULT_MODEL_ID = "sere-tiny"
 DEFAULT_SERE = {"artifact": "default", "select_top_k": 2, "threshold": 0.3}
@@ -38,6 +43,13 @@ EnvValue = StrictStr | StrictInt | StrictFloat | StrictBool
 
 class ServingConfigError(ConfigError):
     """A serving argument is invalid; the message names it."""
+
+
+class RequestLimits(Fields):
+    """What one HTTP request may ask for."""
+
+    max_n: Annotated[StrictInt, Field(ge=1, description="completions per request, >= 1")] = 8
+    max_body_bytes: Annotated[StrictInt, Field(ge=1024, description="bytes, >= 1024")] = 1024 * 1024
 
 
 class ServeArgs(StrictModel):
@@ -59,6 +71,12 @@ class ServeArgs(StrictModel):
                                             description="a CPU share > 0, e.g. 0.5")] = 0.5
     deployment: dict[StrictStr, Any] = Field(default_factory=dict)
     ingress: dict[StrictStr, Any] = Field(default_factory=dict)
+    stream_batching_ms: Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False,
+                                               description="milliseconds, 0 = every token")] = 0.0
+    engine_metrics: StrictBool = True
+    health_check_period_s: Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)] = 1.0
+    health_check_timeout_s: Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)] = 5.0
+    limits: RequestLimits = Field(default_factory=RequestLimits)
     _resolved: bool = PrivateAttr(default=False)   # set by serve.app.resolve: paths resolved, artifact checked
 
     def env_strings(self) -> dict[str, str]:

@@ -15,9 +15,10 @@ from sere_dist.serve.config import ServeArgs
 @contextlib.contextmanager
 def local_endpoint(args: Mapping[str, Any] | ServeArgs | None = None, *, port: int = 8000, num_cpus: float = 4,
                    name: str = "sere", timeout_s: float = 600, ready_model: str | None = None,
-                   quiet: bool = False):
+                   quiet: bool = False, metrics_port: int | None = None):
     """Start a private local Ray instance, deploy the app, wait for a real completion, yield the URL.
 
+    metrics_port: Ray's Prometheus metrics on this port (vLLM engine metrics and the SERE counters).
     Everything started here (Serve app, Ray instance, vLLM processes) is shut down on exit.
     """
     import ray
@@ -27,8 +28,9 @@ def local_endpoint(args: Mapping[str, Any] | ServeArgs | None = None, *, port: i
     r_id = ready_model or args.model_id
     # Private instance first: building the app touches Ray, and a bare auto-init could attach to
     # another cluster on this host.
+    extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
     ray.init(address="local", num_cpus=num_cpus, object_store_memory=300 * 1024 ** 2,
-             include_dashboard=False, log_to_driver=False)
+             include_dashboard=False, log_to_driver=False, **extra)
     try:
         if quiet:
             _quiet()
