@@ -213,3 +213,14 @@ def test_compiled_cpu_mode_reroutes_exactly_the_decode_tokens(workdir):
         assert c["tokens"] == (2 + len(PROMPTS)) * (MAX_TOKENS - 1)             # ... of every later batch
         assert c["rerouted_slots"] > first[layer]["rerouted_slots"] > 0
         assert c["distinct_experts_after"] < c["distinct_experts_before"]
+
+
+def test_a_monolithic_moe_kernel_stops_start_up_instead_of_silently_skipping_sere():
+    # monolithic kernels (FlashInfer TRT-LLM, ...) only exist on GPUs; the decision itself runs anywhere
+    from sere_dist.engine.plugin import check_router_is_called
+
+    with pytest.raises(SereConfigError, match=r"model.layers.3.mlp.experts runs vLLM's monolithic kernel "
+                                              r"TrtLlmFp8ExpertsMonolithic.*--moe-backend"):
+        check_router_is_called("model.layers.3.mlp.experts", "TrtLlmFp8ExpertsMonolithic")
+    check_router_is_called("model.layers.3.mlp.experts", None)     # a modular kernel: the router runs
+    # (every engine test in this module also starts vLLM-CPU's modular kernel with SERE on: no refusal)

@@ -189,6 +189,8 @@ def _install(runner) -> None:
     ep_fix = current_platform.is_cpu() and experts.expert_map is not None
     if cfg is None and not ep_fix:
         return
+    if cfg is not None:
+        check_router_is_called(runner.layer_name, _monolithic_kernel(runner))
     router = runner.router
     original = router._compute_routing
     runner._sere_on = False
@@ -199,6 +201,25 @@ def _install(runner) -> None:
     if cfg is not None:
         _state["runners"].append(runner)
         start_writer(_local_stats)
+
+
+def check_router_is_called(layer_name: str, monolithic_kernel: str | None) -> None:
+    """Fail closed: a monolithic MoE kernel computes routing itself and never calls the router, so the
+    SERE hook would silently do nothing on that layer; refuse to start instead."""
+    if monolithic_kernel:
+        raise SereConfigError(
+            f"sere: MoE layer {layer_name} runs vLLM's monolithic kernel {monolithic_kernel}, which routes inside "
+            f"the kernel and never calls the router, so SERE would silently do nothing; pick a modular MoE "
+            f"backend (--moe-backend triton, cutlass, deep_gemm, ...) or set sere.enabled: false")
+
+
+def _monolithic_kernel(runner) -> str | None:
+    """The class name of the layer's experts kernel when it is monolithic (None when modular)."""
+    qm = getattr(runner.routed_experts, "quant_method", None)
+    if not getattr(qm, "is_monolithic", False):
+        return None
+    kernel = getattr(qm, "moe_kernel", None) or getattr(qm, "experts_cls", None) or qm
+    return getattr(kernel, "__name__", None) or type(kernel).__name__
 
 
 def _configure(runner, vcfg, cfg: SereConfig) -> None:
