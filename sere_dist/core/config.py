@@ -66,15 +66,12 @@ def _path(prefix: str, loc: tuple) -> str:
 
 
 def describe(exc: ValidationError, prefix: str, *, unknown: str = "field",
-             allowed: Mapping[tuple, list[str]] | None = None, model: type[BaseModel] | None = None) -> str:
+             model: type[BaseModel] | None = None) -> str:
     """A pydantic ValidationError as one line: `prefix.field=value ...; fix` for each failure.
 
-    unknown: what an unknown key is called ("field", "serving argument"); allowed: loc -> the keys
-    allowed there (default: the model's own fields at the top level).
+    unknown: what an unknown key is called ("field", "serving argument"); model: the config class, whose
+    field descriptions and allowed keys the message quotes.
     """
-    allowed = dict(allowed or {})
-    if model is not None:
-        allowed.setdefault((), sorted(model.model_fields))
     extra: dict[tuple, list[str]] = {}
     parts: list[str] = []
     for err in exc.errors():
@@ -95,7 +92,7 @@ def describe(exc: ValidationError, prefix: str, *, unknown: str = "field",
         msg = err["msg"][0].lower() + err["msg"][1:]
         if kind in ("dict_type", "model_type", "model_attributes_type", "list_type"):
             msg = f"is a {type(value).__name__}"
-        hint = _field_description(model, loc)
+        hint = _walk(model, loc)[1]
         text = f"{where}{shown}: {msg}"
         if kind in _BOUNDS:
             text = f"{where} must be {_BOUNDS[kind]} {_ctx_bound(err)}, got {value!r}"
@@ -106,28 +103,28 @@ def describe(exc: ValidationError, prefix: str, *, unknown: str = "field",
         parts.append(text)
     for loc, names in extra.items():
         where = _path(prefix, loc)
-        ok = allowed.get(loc) or _allowed_at(model, loc)
+        inner = _walk(model, loc)[0]
+        ok = sorted(inner.model_fields) if inner is not None else []
         parts.insert(0, f"{where or prefix} has unknown {unknown}(s) {sorted(names)}"
                         + (f"; allowed: {', '.join(ok)}" if ok else ""))
     return "; ".join(parts)
 
 
-def _field_description(model: type[BaseModel] | None, loc: tuple) -> str:
+def _walk(model: type[BaseModel] | None, loc: tuple) -> tuple[type[BaseModel] | None, str]:
+    """Follow an error location through nested configs: (the config reached, the last field's description)."""
     m: Any = model
     desc = ""
     for part in loc:
-        if not (isinstance(m, type) and issubclass(m, BaseModel)):
-            if isinstance(part, int):
-                continue
-            return ""
-        f = m.model_fields.get(part) if isinstance(part, str) else None
-        if f is None:
+        if not isinstance(part, str) or not (isinstance(m, type) and issubclass(m, BaseModel)):
+            continue                                   # dict keys and list indices
+        f = m.model_fields.get(part)
+        if f is None:                                  # a string dict key, e.g. layers["3"]
             continue
         desc = f.description or ""
         for meta in f.metadata:
             desc = getattr(meta, "description", None) or desc
         m = _inner_model(f.annotation)
-    return desc
+    return (m if isinstance(m, type) and issubclass(m, BaseModel) else None), desc
 
 
 def _inner_model(annotation: Any) -> Any:
@@ -139,18 +136,6 @@ def _inner_model(annotation: Any) -> Any:
         if inner is not None:
             return inner
     return None
-
-
-def _allowed_at(model: type[BaseModel] | None, loc: tuple) -> list[str]:
-    m: Any = model
-    for part in loc:
-        if isinstance(part, int) or not (isinstance(m, type) and issubclass(m, BaseModel)):
-            continue
-        f = m.model_fields.get(part)
-        if f is None:
-            return []
-        m = _inner_model(f.annotation)
-    return sorted(m.model_fields) if isinstance(m, type) and issubclass(m, BaseModel) else []
 
 
 class Fields(BaseModel):

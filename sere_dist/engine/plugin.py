@@ -153,7 +153,7 @@ def _artifact(vllm_config, cfg: SereConfig):
     from sere_dist.core.model import model_fingerprint
 
     fp = model_fingerprint(vllm_config.model_config.hf_config)
-    key = (cfg.model_dump_json(), fp.to_dict().__repr__())
+    key = (cfg.model_dump_json(), fp)
     art = _state["artifacts"].get(key)
     if art is None:
         art = _state["artifacts"][key] = artifact_for_model(cfg, fp)
@@ -227,7 +227,6 @@ def _configure(runner, vcfg, cfg: SereConfig) -> None:
 
     art = _artifact(vcfg, cfg)                  # checked against the model once per process
     moe = runner.moe_config
-    cfg.check_top_k(int(moe.experts_per_token))  # this layer's k (the model's, unless vLLM changed it)
     num_experts = int(getattr(moe, "num_logical_experts", None) or moe.num_experts)
     layer = layer_index(runner.layer_name)
     sim = art.matrices.get(layer)
