@@ -9,6 +9,7 @@
 // No heap allocation besides the output: flags and table are fixed-size stack arrays (E <= 512).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -21,6 +22,8 @@
 #include <limits>
 #include <optional>
 #include <type_traits>
+#include <tuple>
+#include <vector>
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -185,6 +188,221 @@ void reroute_cpu_kernel(const Id* ids, Id* out, const Sim* sim, const bool* vali
   }
 }
 
+// ---- The whole routing hook (sere_dist::route), semantics: sere_reroute.h, spec: core/reroute.py `route`.
+// Per call: (1) each token's slot order by weight (stable, largest first; a row already in order costs
+// k - 1 compares), recomputed in each pass instead of stored; (2) primaries; (3) table rows on demand
+// (paper rows as above; rank-aware rows: the best passing primary per rank); (4) per token: the rule,
+// top-S or merge on the ordered slots, written back in the router's slot order; (5) counters.
+// Serial: a decode batch takes a few microseconds, and forking threads would cost more.
+
+// torch.sort(descending=True, stable=True): NaN first, then larger values; ties keep slot order.
+inline bool sorts_before(float a, float b) { return a > b || (std::isnan(a) && !std::isnan(b)); }
+
+template <typename W>
+inline void slot_order(const W* w, int k, uint8_t* order) {
+  bool sorted = true;
+  for (int j = 0; j + 1 < k; ++j)
+    if (sorts_before(static_cast<float>(w[j + 1]), static_cast<float>(w[j]))) sorted = false;
+  for (int j = 0; j < k; ++j) order[j] = static_cast<uint8_t>(j);
+  if (sorted) return;
+  for (int j = 1; j < k; ++j) {  // insertion sort: stable
+    const uint8_t cur = order[j];
+    const float v = static_cast<float>(w[cur]);
+    int i = j;
+    while (i > 0 && sorts_before(v, static_cast<float>(w[order[i - 1]]))) {
+      order[i] = order[i - 1];
+      --i;
+    }
+    order[i] = cur;
+  }
+}
+
+struct Bits {  // E <= 512 experts
+  uint64_t w[sere::kMaxExperts / 64] = {};
+  void set(int e) { w[e >> 6] |= uint64_t{1} << (e & 63); }
+  bool get(int e) const { return (w[e >> 6] >> (e & 63)) & 1; }
+  int64_t count() const {
+    int64_t n = 0;
+    for (uint64_t x : w) n += __builtin_popcountll(x);
+    return n;
+  }
+};
+
+template <typename Id, typename W, typename Sim>
+void route_cpu_kernel(const Id* ids, const W* wts, Id* out_ids, W* out_w, const Sim* sim, const bool* valid,
+                      const bool* ranks, int num_ranks, int64_t num_tokens, int k, int s, int num_experts, float rho,
+                      int rule, bool merge, int64_t* counts) {
+  const auto in_range = [num_experts](Id e) { return static_cast<uint64_t>(e) < static_cast<uint64_t>(num_experts); };
+  const bool top_s = rule == sere::kRuleTopS;
+  const bool rank_aware = rule == sere::kRuleRankAware;
+  uint8_t order[sere::kMaxTopK];
+
+  // 1. Primaries (re-routing rules only).
+  uint8_t primary[sere::kMaxExperts] = {};
+  if (!top_s && s < k) {
+    for (int64_t t = 0; t < num_tokens; ++t) {
+      if (valid != nullptr && !valid[t]) continue;
+      slot_order(wts + t * k, k, order);
+      for (int j = 0; j < s; ++j) {
+        const Id e = ids[t * k + order[j]];
+        if (in_range(e)) primary[e] = 1;
+      }
+    }
+  }
+  int16_t plist[sere::kMaxExperts];
+  uint32_t pmask[sere::kMaxExperts];
+  int16_t table[sere::kMaxExperts];  // paper rule, -1 = not computed yet
+  int num_primary = 0;
+  for (int e = 0; e < num_experts; ++e) {
+    if (primary[e]) plist[num_primary++] = static_cast<int16_t>(e);
+    pmask[e] = primary[e] ? 0xffffffffu : 0u;
+    table[e] = primary[e] ? static_cast<int16_t>(e) : int16_t{-1};
+  }
+  const auto paper = [&](int e) -> int16_t {
+    if (table[e] < 0) {
+      const Sim* row = sim + static_cast<int64_t>(e) * num_experts;
+#if defined(__SSE2__)
+      if constexpr (std::is_same_v<Sim, float>) {
+        if (num_primary * 4 >= num_experts) {
+          table[e] = best_primary_sse(row, e, num_experts, pmask, plist, num_primary, rho);
+          return table[e];
+        }
+      }
+#endif
+      table[e] = best_primary(row, e, plist, num_primary, rho);
+    }
+    return table[e];
+  };
+  // Rank-aware rows: for expert e and rank r, the most similar primary on r with sim >= rho (lowest id on
+  // ties), -inf when none. Ranks of an expert as a bit mask (R <= 64).
+  std::vector<uint64_t> rank_bits;
+  std::vector<float> rank_val;
+  std::vector<int16_t> rank_idx;
+  std::vector<uint8_t> rank_done;
+  if (rank_aware && s < k) {
+    rank_bits.assign(num_experts, 0);
+    for (int e = 0; e < num_experts; ++e)
+      for (int r = 0; r < num_ranks; ++r)
+        if (ranks[static_cast<int64_t>(e) * num_ranks + r]) rank_bits[e] |= uint64_t{1} << r;
+    rank_val.resize(static_cast<size_t>(num_experts) * num_ranks);
+    rank_idx.resize(static_cast<size_t>(num_experts) * num_ranks);
+    rank_done.assign(num_experts, 0);
+  }
+  const auto rank_row = [&](int e) {
+    float* val = rank_val.data() + static_cast<int64_t>(e) * num_ranks;
+    int16_t* idx = rank_idx.data() + static_cast<int64_t>(e) * num_ranks;
+    if (rank_done[e]) return;
+    rank_done[e] = 1;
+    for (int r = 0; r < num_ranks; ++r) {
+      val[r] = -std::numeric_limits<float>::infinity();
+      idx[r] = 0;
+    }
+    const Sim* row = sim + static_cast<int64_t>(e) * num_experts;
+    for (int q = 0; q < num_primary; ++q) {
+      const int p = plist[q];
+      const float v = static_cast<float>(row[p]);
+      if (!(v >= rho)) continue;  // NaN never passes
+      for (uint64_t m = rank_bits[p]; m != 0; m &= m - 1) {
+        const int r = __builtin_ctzll(m);
+        if (v > val[r]) {
+          val[r] = v;
+          idx[r] = static_cast<int16_t>(p);
+        }
+      }
+    }
+  };
+
+  // 2. Per token, on the ordered slots.
+  Bits before, after;
+  int64_t rerouted = 0, n_valid = 0;
+  Id sid[sere::kMaxTopK];
+  float sw[sere::kMaxTopK];
+  bool kept[sere::kMaxTopK];
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    const Id* row = ids + t * k;
+    const W* wrow = wts + t * k;
+    Id* orow = out_ids + t * k;
+    W* owrow = out_w + t * k;
+    if (valid != nullptr && !valid[t]) {
+      std::memcpy(orow, row, sizeof(Id) * k);
+      std::memcpy(owrow, wrow, sizeof(W) * k);
+      continue;
+    }
+    ++n_valid;
+    slot_order(wrow, k, order);
+    for (int j = 0; j < k; ++j) {
+      sid[j] = row[order[j]];
+      sw[j] = static_cast<float>(wrow[order[j]]);
+      kept[j] = true;
+      if (in_range(sid[j])) before.set(static_cast<int>(sid[j]));
+    }
+    if (top_s) {
+      float total = sw[0], part = sw[0];
+      for (int j = 1; j < k; ++j) total += sw[j];
+      for (int j = 1; j < s; ++j) part += sw[j];
+      const float scale = total / std::max(part, 1e-12f);
+      for (int j = 0; j < k; ++j) {
+        kept[j] = j < s;
+        sw[j] = j < s ? sw[j] * scale : 0.0f;
+      }
+      rerouted += k - s;
+    } else {
+      uint64_t visited = 0;
+      if (rank_aware && s < k)
+        for (int j = 0; j < s; ++j)
+          if (in_range(sid[j])) visited |= rank_bits[sid[j]];
+      for (int j = s; j < k; ++j) {
+        const Id e = sid[j];
+        if (!in_range(e) || primary[e]) continue;
+        int16_t to = paper(static_cast<int>(e));
+        if (rank_aware) {
+          rank_row(static_cast<int>(e));
+          const float* val = rank_val.data() + static_cast<int64_t>(e) * num_ranks;
+          float best = -std::numeric_limits<float>::infinity();
+          int best_r = -1;
+          for (uint64_t m = visited; m != 0; m &= m - 1) {  // ascending r: strict > keeps the lowest rank
+            const int r = __builtin_ctzll(m);
+            if (val[r] > best) {
+              best = val[r];
+              best_r = r;
+            }
+          }
+          if (best_r >= 0) to = rank_idx[static_cast<int64_t>(e) * num_ranks + best_r];
+        }
+        if (static_cast<Id>(to) != e) {
+          sid[j] = static_cast<Id>(to);
+          ++rerouted;
+        }
+      }
+    }
+    if (merge) {
+      for (int j = 1; j < k; ++j) {
+        if (!kept[j]) continue;
+        for (int i = 0; i < j; ++i) {
+          if (kept[i] && sid[i] == sid[j]) {
+            sw[i] = sw[i] + sw[j];
+            sw[j] = 0.0f;
+            kept[j] = false;
+            break;
+          }
+        }
+      }
+    }
+    for (int j = 0; j < k; ++j) {
+      orow[order[j]] = sid[j];
+      owrow[order[j]] = static_cast<W>(sw[j]);
+      if (kept[j] && in_range(sid[j])) after.set(static_cast<int>(sid[j]));
+    }
+  }
+  if (counts != nullptr) {
+    counts[0] += before.count();
+    counts[1] += after.count();
+    counts[2] += rerouted;
+    counts[3] += n_valid > 0 ? 1 : 0;
+    counts[4] += n_valid;
+  }
+}
+
 template <typename Id>
 void cpu_dispatch_sim(const Tensor& ids, Tensor& out, const Tensor& sim, const bool* valid, int64_t s,
                       float rho) {
@@ -264,6 +482,93 @@ void reroute_cpu_(Tensor& topk_ids, const Tensor& sim, int64_t s, double thresho
   run_cpu(topk_ids, topk_ids, sim, s, threshold, valid);
 }
 
+// ---- sere_dist::route: checks and dispatch
+
+void check_route_inputs(const Tensor& ids, const Tensor& w, const Tensor& sim, int64_t s,
+                        const std::optional<Tensor>& valid, const std::optional<Tensor>& ranks,
+                        const std::optional<Tensor>& counts, const std::optional<Tensor>& gate, int64_t rule) {
+  check_inputs(ids, sim, s, valid);
+  TORCH_CHECK(w.sizes() == ids.sizes(), "sere_dist::route: topk_weights must be ", ids.sizes(), ", got ", w.sizes());
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf,
+              "sere_dist::route: topk_weights must be float32, bfloat16 or float16, got ", w.scalar_type());
+  TORCH_CHECK(w.device() == ids.device(), "sere_dist::route: topk_weights on ", w.device(), ", topk_ids on ",
+              ids.device());
+  TORCH_CHECK(rule == sere::kRulePaper || rule == sere::kRuleRankAware || rule == sere::kRuleTopS,
+              "sere_dist::route: rule must be 0 (paper), 1 (rank_aware) or 2 (top_s), got ", rule);
+  if (rule == sere::kRuleRankAware) {
+    TORCH_CHECK(ranks.has_value(), "sere_dist::route: rule rank_aware needs expert_ranks");
+    TORCH_CHECK(ranks->scalar_type() == at::kBool && ranks->dim() == 2 && ranks->size(0) == sim.size(0) &&
+                    ranks->size(1) >= 1 && ranks->size(1) <= sere::kMaxRanks,
+                "sere_dist::route: expert_ranks must be bool [E, R] with E = ", sim.size(0), " and 1 <= R <= ",
+                sere::kMaxRanks, ", got ", ranks->scalar_type(), " ", ranks->sizes());
+    TORCH_CHECK(ranks->device() == ids.device(), "sere_dist::route: expert_ranks on ", ranks->device());
+  }
+  if (counts.has_value()) {
+    TORCH_CHECK(counts->scalar_type() == at::kLong && counts->dim() == 1 && counts->size(0) == 5 &&
+                    counts->is_contiguous(),
+                "sere_dist::route: counts must be a contiguous int64 [5], got ", counts->scalar_type(), " ",
+                counts->sizes());
+    TORCH_CHECK(counts->device() == ids.device(), "sere_dist::route: counts on ", counts->device());
+  }
+  if (gate.has_value()) {
+    TORCH_CHECK(gate->scalar_type() == at::kBool && gate->numel() == 1,
+                "sere_dist::route: count_gate must be bool with one element, got ", gate->scalar_type(), " ",
+                gate->sizes());
+    TORCH_CHECK(gate->device() == ids.device(), "sere_dist::route: count_gate on ", gate->device());
+  }
+}
+
+template <typename F>
+void with_weight_type(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: return f(float{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    case at::kHalf: return f(c10::Half{});
+    default: TORCH_CHECK(false, "unreachable");
+  }
+}
+
+std::tuple<Tensor, Tensor> route_cpu(const Tensor& topk_ids, const Tensor& topk_weights, const Tensor& sim_in,
+                                     const std::optional<Tensor>& valid_in, const std::optional<Tensor>& ranks_in,
+                                     const std::optional<Tensor>& counts, const std::optional<Tensor>& gate,
+                                     int64_t s, double threshold, int64_t rule, bool merge) {
+  check_route_inputs(topk_ids, topk_weights, sim_in, s, valid_in, ranks_in, counts, gate, rule);
+  const Tensor ids = topk_ids.contiguous();
+  const Tensor w = topk_weights.contiguous();
+  const Tensor sim = sim_in.contiguous();
+  const Tensor valid = valid_in.has_value() ? valid_in->contiguous() : Tensor();
+  const Tensor ranks = rule == sere::kRuleRankAware ? ranks_in->contiguous() : Tensor();
+  Tensor out_ids = at::empty_like(ids, at::MemoryFormat::Contiguous);
+  Tensor out_w = at::empty_like(w, at::MemoryFormat::Contiguous);
+  const int k = static_cast<int>(ids.size(1));
+  const int sk = static_cast<int>(std::min<int64_t>(s, k));
+  const int E = static_cast<int>(sim.size(0));
+  const bool count = counts.has_value() && (!gate.has_value() || gate->item<bool>());
+  int64_t* cp = count ? counts->mutable_data_ptr<int64_t>() : nullptr;
+  const bool* vp = valid.defined() ? valid.const_data_ptr<bool>() : nullptr;
+  const bool* rp = ranks.defined() ? ranks.const_data_ptr<bool>() : nullptr;
+  const int R = ranks.defined() ? static_cast<int>(ranks.size(1)) : 0;
+  const float rho = static_cast<float>(threshold);
+  const auto run = [&](auto id_v, auto w_v, auto sim_v) {
+    using Id = decltype(id_v);
+    using Wt = decltype(w_v);
+    using Sm = decltype(sim_v);
+    route_cpu_kernel<Id, Wt, Sm>(ids.const_data_ptr<Id>(), w.const_data_ptr<Wt>(), out_ids.mutable_data_ptr<Id>(),
+                                 out_w.mutable_data_ptr<Wt>(), sim.const_data_ptr<Sm>(), vp, rp, R, ids.size(0), k, sk,
+                                 E, rho, static_cast<int>(rule), merge, cp);
+  };
+  const auto with_ids = [&](auto w_v, auto sim_v) {
+    if (ids.scalar_type() == at::kInt)
+      run(int32_t{}, w_v, sim_v);
+    else
+      run(int64_t{}, w_v, sim_v);
+  };
+  with_weight_type(w.scalar_type(), [&](auto w_v) {
+    with_weight_type(sim.scalar_type(), [&](auto sim_v) { with_ids(w_v, sim_v); });
+  });
+  return {out_ids, out_w};
+}
+
 #ifdef SERE_WITH_CUDA
 void run_cuda(const Tensor& ids, Tensor& out, const Tensor& sim_in, int64_t s, double threshold,
               const std::optional<Tensor>& valid_in) {
@@ -319,6 +624,40 @@ void per_slot_scan_cuda_(Tensor& topk_ids, const Tensor& sim, int64_t s, double 
   TORCH_CHECK(err == 0, "sere_dist::per_slot_scan_: CUDA launch failed: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
 }
+
+int type_code(at::ScalarType t) {
+  return t == at::kFloat ? sere::kFloat32 : t == at::kBFloat16 ? sere::kBFloat16 : sere::kFloat16;
+}
+
+std::tuple<Tensor, Tensor> route_cuda(const Tensor& topk_ids, const Tensor& topk_weights, const Tensor& sim_in,
+                                      const std::optional<Tensor>& valid_in, const std::optional<Tensor>& ranks_in,
+                                      const std::optional<Tensor>& counts, const std::optional<Tensor>& gate_in,
+                                      int64_t s, double threshold, int64_t rule, bool merge) {
+  check_route_inputs(topk_ids, topk_weights, sim_in, s, valid_in, ranks_in, counts, gate_in, rule);
+  const c10::cuda::CUDAGuard guard(topk_ids.device());
+  const Tensor ids = topk_ids.contiguous();
+  const Tensor w = topk_weights.contiguous();
+  const Tensor sim = sim_in.contiguous();
+  const Tensor valid = valid_in.has_value() ? valid_in->contiguous() : Tensor();
+  const Tensor ranks = rule == sere::kRuleRankAware ? ranks_in->contiguous() : Tensor();
+  const Tensor gate = gate_in.has_value() ? gate_in->contiguous() : Tensor();
+  Tensor out_ids = at::empty_like(ids, at::MemoryFormat::Contiguous);
+  Tensor out_w = at::empty_like(w, at::MemoryFormat::Contiguous);
+  // the caching allocator makes this free; the launcher zeroes it only when several blocks count
+  Tensor workspace = at::empty({sere::kRouteWorkspaceWords}, ids.options().dtype(at::kInt));
+  const int err = sere_route_cuda_launch(
+      ids.scalar_type() == at::kInt ? sere::kInt32 : sere::kInt64, type_code(w.scalar_type()),
+      type_code(sim.scalar_type()), ids.const_data_ptr(), w.const_data_ptr(), out_ids.mutable_data_ptr(),
+      out_w.mutable_data_ptr(), sim.const_data_ptr(), valid.defined() ? valid.const_data_ptr<bool>() : nullptr,
+      ranks.defined() ? ranks.const_data_ptr<bool>() : nullptr, ranks.defined() ? static_cast<int>(ranks.size(1)) : 0,
+      ids.size(0), static_cast<int>(ids.size(1)), static_cast<int>(std::min<int64_t>(s, ids.size(1))),
+      static_cast<int>(sim.size(0)), static_cast<float>(threshold), static_cast<int>(rule), merge ? 1 : 0,
+      counts.has_value() ? reinterpret_cast<long long*>(counts->mutable_data_ptr<int64_t>()) : nullptr,
+      gate.defined() ? gate.const_data_ptr<bool>() : nullptr, static_cast<unsigned*>(workspace.mutable_data_ptr()),
+      c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == 0, "sere_dist::route: CUDA launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+  return {out_ids, out_w};
+}
 #endif
 
 bool built_with_cuda() {
@@ -335,6 +674,9 @@ TORCH_LIBRARY(sere_dist, m) {
   m.def("reroute(Tensor topk_ids, Tensor sim, int select_top_k, float threshold, Tensor? valid=None) -> Tensor");
   m.def("reroute_(Tensor(a!) topk_ids, Tensor sim, int select_top_k, float threshold, Tensor? valid=None) -> ()");
   m.def("built_with_cuda() -> bool", &built_with_cuda);
+  m.def("route(Tensor topk_ids, Tensor topk_weights, Tensor sim, Tensor? valid, Tensor? expert_ranks, "
+        "Tensor(a!)? counts, Tensor? count_gate, int select_top_k, float threshold, int rule, bool merge_duplicates) "
+        "-> (Tensor, Tensor)");
   m.def("per_slot_scan_(Tensor(a!) topk_ids, Tensor sim, int select_top_k, float threshold, Tensor? valid, "
         "Tensor(b!) workspace) -> ()");
 }
@@ -342,6 +684,7 @@ TORCH_LIBRARY(sere_dist, m) {
 TORCH_LIBRARY_IMPL(sere_dist, CPU, m) {
   m.impl("reroute", &reroute_cpu);
   m.impl("reroute_", &reroute_cpu_);
+  m.impl("route", &route_cpu);
 }
 
 #ifdef SERE_WITH_CUDA
@@ -349,5 +692,6 @@ TORCH_LIBRARY_IMPL(sere_dist, CUDA, m) {
   m.impl("reroute", &reroute_cuda);
   m.impl("reroute_", &reroute_cuda_);
   m.impl("per_slot_scan_", &per_slot_scan_cuda_);
+  m.impl("route", &route_cuda);
 }
 #endif

@@ -11,6 +11,18 @@
 // A NaN similarity to any primary keeps e (as torch's argmax, which returns the NaN, does).
 // Ids outside [0, E) are neither primaries nor re-routed (no device-side assert: this runs inside
 // CUDA graphs).
+//
+// The whole hook (sere_dist::route; spec: sere_dist/core/reroute.py `route`), on ids and weights [T, k]
+// in the router's slot order:
+//   order[t]  = slots by weight, largest first, stable (torch.sort(descending=True, stable=True))
+//   rule      = paper (above), rank_aware (among primaries with sim >= rho, the best on each rank the
+//               token's own top-S experts visit; the best rank wins, lowest rank and id on ties; else
+//               paper) or top_s (a valid token keeps its first S ordered slots, rescaled by
+//               sum(w) / max(sum(kept w), 1e-12) summed left to right in float32; the rest get 0)
+//   merge     = a valid token's later kept copy of an expert adds its weight to the first copy, gets 0
+//   counts   += [distinct experts before, distinct after (kept slots), changed or dropped slots,
+//               any valid token, valid tokens] over valid tokens, when counts is given and gate holds
+// Weights are computed in float32 and rounded once to their dtype; outputs are in the input slot order.
 #pragma once
 
 #include <cstdint>
@@ -19,6 +31,9 @@ namespace sere {
 
 constexpr int kMaxExperts = 512;  // table and primary flags live in fixed-size (shared) arrays
 constexpr int kMaxTopK = 16;
+constexpr int kMaxRanks = 64;  // rank-aware rule: the ranks of an expert fit a 64-bit mask
+
+enum Rule : int { kRulePaper = 0, kRuleRankAware = 1, kRuleTopS = 2 };
 
 enum IdType : int { kInt32 = 0, kInt64 = 1 };
 enum SimType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
@@ -38,3 +53,16 @@ extern "C" int sere_reroute_cuda_launch(int id_type, int sim_type, const void* i
 extern "C" int sere_per_slot_cuda_launch(int id_type, int sim_type, void* ids, const void* sim, const bool* valid,
                                           int64_t num_tokens, int top_k, int select_top_k, int num_experts,
                                           float threshold, void* flags, void* stream);
+
+// The whole hook (sere_dist::route) on the GPU; weight_type uses the SimType codes. counts: int64 [5] or
+// null; gate: one bool or null; ranks: [E, num_ranks] bool (rank_aware only); workspace: at least
+// kRouteWorkspaceWords 32-bit words (used, and zeroed on `stream`, only when counting over several blocks).
+// One memset and one kernel at most; no allocation, no host synchronisation, graph-capturable.
+namespace sere {
+constexpr int kRouteWorkspaceWords = kMaxExperts / 32 * 2 + 3;
+}
+extern "C" int sere_route_cuda_launch(int id_type, int weight_type, int sim_type, const void* ids, const void* weights,
+                                       void* out_ids, void* out_weights, const void* sim, const bool* valid,
+                                       const bool* ranks, int num_ranks, int64_t num_tokens, int top_k,
+                                       int select_top_k, int num_experts, float threshold, int rule, int merge,
+                                       long long* counts, const bool* gate, unsigned* workspace, void* stream);

@@ -2,7 +2,7 @@
 
 `build()` compiles cuda_ext/emu/sere_reroute_emu.cpp with the system C++ compiler into the extension
 cache (one file per hash of the sources and flags) and loads it with ctypes; `reroute` and
-`per_slot_scan_` call the same launchers as the GPU build and return what the kernels wrote.
+`per_slot_scan_` and `route` (the whole hook) call the same launchers as the GPU build and return what the kernels wrote.
 """
 
 from __future__ import annotations
@@ -69,6 +69,11 @@ def build(defines: tuple[str, ...] = (), src: Path = SRC) -> ctypes.CDLL:
     lib.sere_reroute_emu_launch.restype = ctypes.c_int
     lib.sere_per_slot_emu_launch.argtypes = common + [ctypes.c_void_p] * 3 + tail
     lib.sere_per_slot_emu_launch.restype = ctypes.c_int
+    lib.sere_route_emu_launch.argtypes = ([ctypes.c_int] * 3 + [ctypes.c_void_p] * 7
+                                          + [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                             ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                             ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int])
+    lib.sere_route_emu_launch.restype = ctypes.c_int
     _libs[key] = lib
     return lib
 
@@ -111,3 +116,80 @@ def per_slot_scan_(ids: torch.Tensor, sim: torch.Tensor, s: int, rho: float, val
         sim.shape[0], rho, guard, msg, 512)
     _check(code, msg)
     return ids
+
+
+RULES = {"paper": 0, "rank_aware": 1, "top_s": 2}
+
+
+def route(ids: torch.Tensor, weights: torch.Tensor, sim: torch.Tensor, s: int, rho: float,
+          valid: torch.Tensor | None = None, *, rule: str = "paper", expert_ranks: torch.Tensor | None = None,
+          merge_duplicates: bool = False, counts: torch.Tensor | None = None, count_gate: torch.Tensor | None = None,
+          guard: int = 1, lib: ctypes.CDLL | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CUDA `route` kernel's (ids, weights) for CPU tensors; `counts` ([5] int64) is updated in place."""
+    lib = lib or build()
+    ids, weights, sim = ids.contiguous(), weights.contiguous(), sim.contiguous()
+    valid = None if valid is None else valid.contiguous()
+    ranks = None if expert_ranks is None else expert_ranks.contiguous()
+    out_ids = torch.full_like(ids, -7)
+    out_w = torch.full_like(weights, -7.0)
+    msg = ctypes.create_string_buffer(512)
+    code = lib.sere_route_emu_launch(
+        ID_TYPES[ids.dtype], SIM_TYPES[weights.dtype], SIM_TYPES[sim.dtype], _ptr(ids), _ptr(weights), _ptr(out_ids),
+        _ptr(out_w), _ptr(sim), _ptr(valid), _ptr(ranks), 0 if ranks is None else ranks.shape[1], ids.shape[0],
+        ids.shape[1], s, sim.shape[0], rho, RULES[rule], int(merge_duplicates), _ptr(counts), _ptr(count_gate),
+        guard, msg, 512)
+    _check(code, msg)
+    return out_ids, out_w
+
+
+def random_route_case(rng, max_t: int = 700) -> dict:
+    """One random `route` case (shared by the CPU-op and emulation parity tests): ids with repeats and
+    out-of-order, tied or low-precision weights, every rule, merging, padding, coarse similarities
+    (ties), and multi-block batch sizes up to max_t tokens."""
+    from sere_dist.core.reroute import expert_ranks_for
+
+    e = rng.randint(2, 200)
+    k = rng.randint(1, min(12, e))
+    t = rng.choice([0, 1, 2, 5, 16, 64, 300, max_t])
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    levels = rng.choice([5, 1000])
+    sim = torch.randint(0, levels + 1, (e, e), generator=g).float() / levels
+    sim = torch.maximum(sim, sim.t())
+    sim.fill_diagonal_(1.0)
+    logits = torch.randn(t, e, generator=g) - torch.linspace(0, rng.uniform(0, 6), e)
+    ids = logits.topk(k, dim=1).indices if rng.random() < 0.7 else torch.randint(0, e, (t, k), generator=g)
+    w = torch.softmax(torch.randn(t, k, generator=g), -1)
+    if rng.random() < 0.3:
+        w = torch.round(w * 4) / 4                                   # ties between slots
+    if rng.random() < 0.5:
+        w = w.sort(-1, descending=True).values                       # already in order (the fast case)
+    rule = rng.choice(["paper", "rank_aware", "top_s"])
+    ranks = None
+    if rule == "rank_aware":
+        ranks = expert_ranks_for(e, rng.randint(1, min(8, e)), rng.choice(["linear", "round_robin"]))
+        if rng.random() < 0.3:                                       # replicated experts (EPLB-like)
+            ranks = ranks | (torch.rand(ranks.shape, generator=g) < 0.2)
+    return dict(ids=ids.to(rng.choice([torch.int32, torch.int64])),
+                weights=w.to(rng.choice([torch.float32, torch.bfloat16, torch.float16])),
+                sim=sim.to(rng.choice([torch.float32, torch.bfloat16, torch.float16])),
+                s=rng.randint(1, k), rho=rng.choice([0.0, 0.3, 0.9, 1.0]),
+                valid=(torch.rand(t, generator=g) > 0.3) if rng.random() < 0.5 else None,
+                rule=rule, expert_ranks=ranks, merge_duplicates=rng.random() < 0.5)
+
+
+def route_reference(case: dict):
+    """The torch spec's (ids, weights, counts) for a `random_route_case`."""
+    from sere_dist.core.reroute import route as torch_route
+
+    return torch_route(case["ids"], case["weights"], case["sim"].float(), case["s"], case["rho"], case["valid"],
+                       rule=case["rule"], expert_ranks=case["expert_ranks"], merge_duplicates=case["merge_duplicates"])
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal dtype, shape and bit pattern (weights: NaN == NaN, -0 != +0)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        view = torch.int32 if a.element_size() == 4 else torch.int16
+        return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
+    return torch.equal(a, b)

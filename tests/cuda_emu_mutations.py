@@ -20,13 +20,14 @@ import torch
 from tests import cuda_emu
 from tests.support import expected, random_case
 
-# name -> (text in sere_reroute_kernels.cuh, replacement, what it breaks)
+# name -> (text in sere_reroute_kernels.cuh, replacement, what it breaks); every occurrence is replaced (the
+# re-routing and the whole-hook kernels share their structure), the cases below run the re-routing kernel
 MUTATIONS = {
     "block end": ("const int t1 = min(num_tokens, t0 + tokens_per_block);", "const int t1 = t0 + tokens_per_block;",
                   "the last block runs past T"),
     "tie-break": ("(ov == best && op < best_p)", "(ov == best && op > best_p)", "ties go to the highest id"),
     "barrier 1": ("  }\n  __syncthreads();\n\n  // 2.", "  }\n\n  // 2.", "no barrier after the flags"),
-    "barrier 2": ("  }\n  __syncthreads();\n\n  // 3.", "  }\n\n  // 3.", "no barrier before the gather"),
+    "barrier 2": ("  __syncthreads();\n\n  // 3.", "\n  // 3.", "no barrier before the gather"),
     "warp divergence": ("if (!needed[e] || primary[e]) continue;",
                         "if (!needed[e] || primary[e] || (lane == 3 && e % 2)) continue;",
                         "one lane skips rows its warp reduces"),
@@ -47,7 +48,7 @@ def mutant(name: str, workdir: Path) -> Path:
     src = Path(shutil.copytree(cuda_emu.SRC, workdir / "cuda_ext"))
     path = src / "sere_reroute_kernels.cuh"
     text = path.read_text()
-    if text.count(old) != 1:
+    if text.count(old) < 1:
         raise SystemExit(f"mutation {name!r}: the kernel source changed; update its text")
     path.write_text(text.replace(old, new))
     return src

@@ -136,3 +136,39 @@ def test_portable_ucontext_fibers_give_the_same_ids():
     for i in range(60):
         case = random_case(rng, max_t=2048 if i % 10 == 0 else 128)
         assert_same(cuda_emu.reroute(*case, inplace=i % 2 == 0, lib=lib), expected(*case), case)
+
+
+# ---------------------------------------------------------------- the whole hook (route kernel)
+
+@pytest.mark.parametrize("seed", range(3))
+def test_route_kernel_matches_the_torch_spec_bit_for_bit(seed):
+    rng = random.Random(7000 + seed)
+    for i in range(120):
+        case = cuda_emu.random_route_case(rng)
+        want_ids, want_w, want_c = cuda_emu.route_reference(case)
+        counts = torch.zeros(5, dtype=torch.int64)
+        gate = torch.tensor([True]) if rng.random() < 0.3 else None
+        got_ids, got_w = cuda_emu.route(case["ids"], case["weights"], case["sim"], case["s"], case["rho"],
+                                        case["valid"], rule=case["rule"], expert_ranks=case["expert_ranks"],
+                                        merge_duplicates=case["merge_duplicates"], counts=counts, count_gate=gate,
+                                        guard=1 + i % 2)
+        label = {k: v for k, v in case.items() if not isinstance(v, torch.Tensor)} | {"T": case["ids"].shape[0]}
+        assert torch.equal(got_ids, want_ids), label
+        assert cuda_emu.same_bits(got_w, want_w), label
+        assert counts.tolist() == want_c.tolist(), label
+
+
+def test_route_kernel_counts_across_blocks_and_honours_the_gate():
+    rng = random.Random(3)
+    case = cuda_emu.random_route_case(rng, max_t=5000)
+    case.update(ids=torch.randint(0, 64, (5000, 8)), weights=torch.rand(5000, 8), sim=torch.rand(64, 64),
+                valid=None, rule="paper", expert_ranks=None, s=2, rho=0.0)
+    _, _, want = cuda_emu.route_reference(case)
+    args = (case["ids"], case["weights"], case["sim"], 2, 0.0)
+    counts = torch.zeros(5, dtype=torch.int64)
+    cuda_emu.route(*args, counts=counts)                                   # 20 blocks: workspace + ticket
+    assert counts.tolist() == want.tolist()
+    cuda_emu.route(*args, counts=counts, count_gate=torch.tensor([False]))  # a step that is not counted
+    assert counts.tolist() == want.tolist()
+    cuda_emu.route(*args, counts=counts, count_gate=torch.tensor([True]))
+    assert counts.tolist() == (2 * want).tolist()

@@ -347,3 +347,105 @@ def test_cuda_kernel_replays_inside_a_cuda_graph(cuda_op, t):
         want = expected(static_ids, sim, s, rho, static_valid)
         assert torch.equal(static_out.cpu(), want)
         assert torch.equal(inplace.cpu(), want)
+
+
+# ---------------------------------------------------------------- the whole hook: sere_dist::route
+
+from tests.cuda_emu import random_route_case, route_reference, same_bits  # noqa: E402
+
+
+def _route_op(case, counts=None, gate=None):
+    from sere_dist.core.reroute import RULE_IDS
+    return torch.ops.sere_dist.route(case["ids"], case["weights"], case["sim"], case["valid"], case["expert_ranks"],
+                                     counts, gate, case["s"], case["rho"], RULE_IDS[case["rule"]],
+                                     case["merge_duplicates"])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_route_op_matches_the_torch_spec_bit_for_bit(op, seed):
+    rng = random.Random(9000 + seed)
+    for _ in range(400):
+        case = random_route_case(rng)
+        want_ids, want_w, want_c = route_reference(case)
+        counts = torch.zeros(5, dtype=torch.int64)
+        got_ids, got_w = _route_op(case, counts)
+        label = {k: v for k, v in case.items() if not isinstance(v, torch.Tensor)} | {"T": case["ids"].shape[0]}
+        assert torch.equal(got_ids, want_ids), label
+        assert same_bits(got_w, want_w), label
+        assert counts.tolist() == want_c.tolist(), label
+
+
+def test_route_top_s_and_merge_exact_outcomes(op):
+    ids = torch.tensor([[5, 1, 2, 3]], dtype=torch.int32)          # slots out of weight order
+    w = torch.tensor([[0.1, 0.4, 0.2, 0.3]])
+    sim = torch.eye(8)
+    case = dict(ids=ids, weights=w, sim=sim, valid=None, expert_ranks=None, s=2, rho=0.0, rule="top_s",
+                merge_duplicates=False)
+    counts = torch.zeros(5, dtype=torch.int64)
+    new_ids, new_w = _route_op(case, counts)
+    assert new_ids.tolist() == ids.tolist()
+    torch.testing.assert_close(new_w, torch.tensor([[0.0, 4 / 7, 0.0, 3 / 7]]))     # rescaled to the sum, 1
+    assert counts.tolist() == [4, 2, 2, 1, 1]                      # 4 -> 2 experts, 2 slots dropped
+    # paper rule at rho 0 with sim 1 everywhere: the two secondaries move to primary 1 (lowest id), and
+    # merging sums them into slot 1 (the first copy in weight order)
+    case.update(rule="paper", sim=torch.ones(8, 8), merge_duplicates=True)
+    counts.zero_()
+    new_ids, new_w = _route_op(case, counts)
+    assert new_ids.tolist() == [[1, 1, 1, 3]]
+    torch.testing.assert_close(new_w, torch.tensor([[0.0, 0.7, 0.0, 0.3]]))
+    assert counts.tolist() == [4, 2, 2, 1, 1]
+
+
+def test_route_counts_only_when_the_gate_is_open(op):
+    case = random_route_case(random.Random(1))
+    case.update(ids=torch.randint(0, 16, (9, 4)), weights=torch.rand(9, 4), sim=torch.rand(16, 16), valid=None,
+                expert_ranks=None, rule="paper", s=1)
+    _, _, want = route_reference(case)
+    counts = torch.zeros(5, dtype=torch.int64)
+    _route_op(case, counts, torch.tensor([False]))
+    assert counts.tolist() == [0] * 5
+    _route_op(case, counts, torch.tensor([True]))
+    _route_op(case, None)                                           # counters off: nothing to update
+    assert counts.tolist() == want.tolist()
+
+
+def test_route_fast_falls_back_to_the_same_answer(op):
+    rng = random.Random(2)
+    for _ in range(40):
+        case = random_route_case(rng, max_t=64)
+        args = (case["ids"], case["weights"], case["sim"], case["s"], case["rho"], case["valid"])
+        kw = dict(rule=case["rule"], expert_ranks=case["expert_ranks"], merge_duplicates=case["merge_duplicates"])
+        c_native, c_torch = torch.zeros(5, dtype=torch.int64), torch.zeros(5, dtype=torch.int64)
+        got = native.route_fast(*args, **kw, counts=c_native)
+        with native_disabled():
+            ref = native.route_fast(*args, **kw, counts=c_torch, count_gate=torch.tensor([True]))
+        assert torch.equal(got[0], ref[0]) and same_bits(got[1], ref[1]) and torch.equal(c_native, c_torch)
+
+
+def test_dynamo_traces_the_whole_hook_as_one_node_and_updates_the_counters(op):
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    counts = torch.zeros(5, dtype=torch.int64)
+    gate = torch.tensor([True])
+
+    def hook(ids, w, sim, valid):
+        new_ids, new_w = native.route_fast(ids, w, sim, 2, 0.3, valid, counts=counts, count_gate=gate)
+        return new_ids + 0, new_w * 1
+
+    torch._dynamo.reset()
+    compiled = torch.compile(hook, backend=record, fullgraph=True)
+    want = torch.zeros(5, dtype=torch.int64)
+    for t in (3, 17):
+        case = dict(ids=torch.randint(0, 32, (t, 8)), weights=torch.rand(t, 8), sim=torch.rand(32, 32),
+                    valid=torch.rand(t) > 0.2, expert_ranks=None, s=2, rho=0.3, rule="paper", merge_duplicates=False)
+        ids, w, c = route_reference(case)
+        got = compiled(case["ids"], case["weights"], case["sim"], case["valid"])
+        assert torch.equal(got[0], ids) and torch.equal(got[1], w)
+        want += c
+    assert counts.tolist() == want.tolist()
+    assert graphs and all("sere_dist.route" in g for g in graphs)
+    torch._dynamo.reset()

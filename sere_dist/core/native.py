@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from sere_dist.core.reroute import reroute
+from sere_dist.core.reroute import RULE_IDS, route, reroute
 
 log = logging.getLogger("sere_dist")
 
@@ -49,7 +49,7 @@ _ID_DTYPES = (torch.int32, torch.int64)
 _SIM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _lock = threading.Lock()
-_state: dict = {"tried": False, "loaded": False, "cuda": False, "library": None, "error": None,
+_state: dict = {"tried": False, "loaded": False, "cuda": False, "route_op": False, "library": None, "error": None,
                 "announced": set()}
 
 
@@ -71,6 +71,32 @@ def reroute_fast(topk_ids: torch.Tensor, sim: torch.Tensor, select_top_k: int, t
     if path == "torch":
         return _torch_reroute(topk_ids, sim, select_top_k, threshold, valid)
     return torch.ops.sere_dist.reroute(topk_ids, sim, int(select_top_k), float(threshold), valid)
+
+
+def route_fast(topk_ids: torch.Tensor, topk_weights: torch.Tensor, sim: torch.Tensor, select_top_k: int,
+               threshold: float, valid: torch.Tensor | None = None, *, rule: str = "paper",
+               expert_ranks: torch.Tensor | None = None, merge_duplicates: bool = False,
+               counts: torch.Tensor | None = None,
+               count_gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vLLM plugin's whole per-layer hook in one call: `sere_dist.core.reroute.route` (its spec)
+    through the native op `sere_dist::route` when it applies, else the torch reference.
+
+    topk_ids [T, k] int32/int64 and topk_weights [T, k] float32/bf16/fp16 in the router's slot order;
+    sim [E, E]; valid [T] bool; rule "paper" | "rank_aware" (expert_ranks [E, R] bool) | "top_s".
+    counts: optional [5] int64 counters (`reroute.COUNTS` order), incremented in place; count_gate:
+    optional [1] bool, counting only when it holds True (read on the device: no host sync).
+    Returns new (ids, weights), same dtypes, in the input's slot order.
+    """
+    path = _route_path(topk_ids, topk_weights, sim, valid, expert_ranks, counts, count_gate)
+    if path == "torch":
+        sim32 = sim if sim.dtype == torch.float32 else sim.float()
+        new_ids, new_w, c = route(topk_ids, topk_weights, sim32, select_top_k, threshold, valid, rule=rule,
+                                  expert_ranks=expert_ranks, merge_duplicates=merge_duplicates)
+        if counts is not None:
+            counts.add_(c if count_gate is None else c * count_gate.to(torch.int64))
+        return new_ids, new_w
+    return torch.ops.sere_dist.route(topk_ids, topk_weights, sim, valid, expert_ranks, counts, count_gate,
+                                     int(select_top_k), float(threshold), RULE_IDS[rule], bool(merge_duplicates))
 
 
 def reroute_fast_(topk_ids: torch.Tensor, sim: torch.Tensor, select_top_k: int, threshold: float,
@@ -109,6 +135,7 @@ def load_extension() -> bool:
                 _state["library"] = _build_and_load()
                 _register_fakes()
                 _state["cuda"] = bool(torch.ops.sere_dist.built_with_cuda())
+                _state["route_op"] = hasattr(torch.ops.sere_dist, "route")
                 _state["loaded"] = True
                 log.info("sere_dist: native re-routing kernels loaded (CPU%s) from %s",
                          " + CUDA" if _state["cuda"] else "", _state["library"])
@@ -144,6 +171,27 @@ def _path_for(topk_ids: torch.Tensor, sim: torch.Tensor, valid: torch.Tensor | N
     return path
 
 
+MAX_RANKS = 64  # cuda_ext/sere_reroute.h: kMaxRanks
+_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _route_path(topk_ids, topk_weights, sim, valid, expert_ranks, counts, count_gate) -> str:
+    """"cuda" / "cpp" when `sere_dist::route` takes these inputs, else "torch"."""
+    path = _path_for(topk_ids, sim, valid)
+    if path == "torch" or not _state["route_op"]:
+        return "torch"
+    dev = topk_ids.device
+    ok = (topk_weights.shape == topk_ids.shape and topk_weights.dtype in _WEIGHT_DTYPES and topk_weights.device == dev
+          and (expert_ranks is None or (expert_ranks.dtype == torch.bool and expert_ranks.dim() == 2
+                                        and expert_ranks.shape[0] == sim.shape[0]
+                                        and 0 < expert_ranks.shape[1] <= MAX_RANKS and expert_ranks.device == dev))
+          and (counts is None or (counts.dtype == torch.int64 and counts.shape == (5,) and counts.device == dev
+                                  and counts.is_contiguous()))
+          and (count_gate is None or (count_gate.dtype == torch.bool and count_gate.numel() == 1
+                                      and count_gate.device == dev)))
+    return path if ok else "torch"
+
+
 def _why_torch(topk_ids: torch.Tensor, sim: torch.Tensor, path: str) -> str:
     if path != "torch":
         return ""
@@ -165,6 +213,12 @@ def _register_fakes() -> None:
     @torch.library.register_fake("sere_dist::reroute")
     def _reroute_fake(topk_ids, sim, select_top_k, threshold, valid=None):
         return torch.empty_like(topk_ids, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("sere_dist::route")
+    def _route_fake(topk_ids, topk_weights, sim, valid, expert_ranks, counts, count_gate, select_top_k, threshold,
+                    rule, merge_duplicates):
+        return (torch.empty_like(topk_ids, memory_format=torch.contiguous_format),
+                torch.empty_like(topk_weights, memory_format=torch.contiguous_format))
 
     @torch.library.register_fake("sere_dist::reroute_")
     def _reroute_inplace_fake(topk_ids, sim, select_top_k, threshold, valid=None):

@@ -7,7 +7,9 @@ per group, k routed slots per token (sorted by router weight, largest first), E 
     table   = paper_table(sim, primary, rho)           # [G, E]  e -> e or its most similar primary
     new_ids = ids[..., :S] ++ table[ids[..., S:]]      # secondary slots gathered through the table
 
-`reroute` is the public entry point; `expert_slot_counts` / `used_experts` answer "which experts does a
+`reroute` is the re-routing rule on weight-ordered ids; `route` is the whole per-layer hook of the vLLM
+plugin on the router's raw outputs (order by weight, apply the rule, top-S or merge the weights, restore
+the slot order, count) and the spec of the native op `sere_dist::route`; `expert_slot_counts` / `used_experts` answer "which experts does a
 batch use" for every caller (the vLLM plugin's counters, fidelity, the baselines). The two variants (the paper's rule and our rank-aware rule)
 differ only in how the secondary slots are chosen (`_choose_paper` / `_choose_rank_aware`).
 """
@@ -112,6 +114,165 @@ def reroute(topk_ids: torch.Tensor, sim: torch.Tensor, select_top_k: int, thresh
     new_ids = torch.cat([ids[..., :s], new_sec.to(ids.dtype)], dim=-1)
     stats = _stats(ids, new_ids, sec, new_sec, primary, valid, num_experts) if with_stats else None
     return (new_ids.squeeze(0) if squeeze else new_ids), stats
+
+
+RULES = ("paper", "rank_aware", "top_s")
+RULE_IDS = {name: i for i, name in enumerate(RULES)}      # the `rule` int of the native op
+# route()'s counts, in the order of sere_dist.engine.stats.COUNTERS
+COUNTS = ("distinct_experts_before", "distinct_experts_after", "rerouted_slots", "batches", "tokens")
+
+
+def route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, sim: torch.Tensor, select_top_k: int,
+          threshold: float, valid: torch.Tensor | None = None, *, rule: str = "paper",
+          expert_ranks: torch.Tensor | None = None,
+          merge_duplicates: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One MoE layer's routing hook for one batch, on the router's outputs in their own slot order.
+
+    topk_ids: [T, k] int32/int64; topk_weights: [T, k] float (any slot order); sim: [E, E];
+    valid: [T] bool or None (all tokens); rule: "paper" | "rank_aware" (needs expert_ranks [E, R] bool)
+    | "top_s".
+    1. order each token's slots by weight, largest first (stable: ties keep slot order);
+    2. "paper" / "rank_aware": `reroute` the ordered ids (weights unchanged); "top_s": every valid
+       token keeps its first S slots and the others get weight 0, the kept ones rescaled to the
+       original sum (`top_s_weights`);
+    3. merge_duplicates: a valid token holding one expert in several kept slots gets their weights
+       summed into the first of them (`merge_duplicate_slots`);
+    4. restore the slot order.
+    Returns (ids [T, k] same dtype, weights [T, k] same dtype, counts [5] int64 in `COUNTS` order):
+    distinct experts of the valid tokens' slots before; after, over the slots the rule keeps (a slot
+    dropped by top_s or merged away does not count); valid slots whose id changed or that top_s dropped;
+    1 if any token is valid; valid tokens. Weights are computed in float32 and rounded once.
+    """
+    if rule not in RULE_IDS:
+        raise ValueError(f"unknown rule {rule!r}; use one of {', '.join(RULES)}")
+    if rule == "rank_aware" and expert_ranks is None:
+        raise ValueError("rule='rank_aware' needs expert_ranks")
+    t, k = topk_ids.shape
+    num_experts = sim.shape[0]
+    s = min(select_top_k, k)
+    v = torch.ones(t, dtype=torch.bool, device=topk_ids.device) if valid is None else valid
+    order = torch.sort(topk_weights, dim=-1, descending=True, stable=True).indices
+    ids = topk_ids.gather(1, order)
+    w = topk_weights.gather(1, order).float()
+    kept = torch.ones(t, k, dtype=torch.bool, device=ids.device)
+    if rule == "top_s":
+        new_ids = ids
+        w, kept = top_s_weights(w, s, v)
+    else:
+        new_ids = reroute(ids, sim, s, threshold, v, expert_ranks=expert_ranks if rule == "rank_aware" else None,
+                          with_stats=False)[0]
+    changed = (new_ids != ids) | ~kept
+    if merge_duplicates:
+        w, kept = merge_duplicate_slots(new_ids, w, v, kept)
+    out_ids = torch.empty_like(topk_ids).scatter_(1, order, new_ids)
+    out_w = torch.empty_like(topk_weights).scatter_(1, order, w.to(topk_weights.dtype))
+    use = v.unsqueeze(-1).expand(t, k)
+    before = used_experts(ids.unsqueeze(0), num_experts, use.unsqueeze(0)).sum()
+    after = used_experts(new_ids.unsqueeze(0), num_experts, (use & kept).unsqueeze(0)).sum()
+    n_valid = v.sum()
+    counts = torch.stack([before, after, (changed & use).sum(), (n_valid > 0).long(), n_valid]).to(torch.int64)
+    return out_ids, out_w, counts
+
+
+def top_s_weights(weights: torch.Tensor, select_top_k: int,
+                  valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Naive top-S on [T, k] float32 weights ordered largest first: a valid token keeps slots 0..S-1,
+    rescaled by sum(all) / max(sum(kept), 1e-12), and the others get 0 (as
+    `sere_dist.eval.baselines.naive_top_s`). Sums run slot by slot, left to right, so the native kernels
+    can reproduce them bit for bit. Returns (weights [T, k] float32, kept [T, k] bool)."""
+    t, k = weights.shape
+    kept = (torch.arange(k, device=weights.device) < select_top_k).expand(t, k) | ~valid.unsqueeze(-1)
+    total = weights[:, 0].clone()
+    for j in range(1, k):
+        total = total + weights[:, j]
+    part = weights[:, 0].clone()
+    for j in range(1, min(select_top_k, k)):
+        part = part + weights[:, j]
+    scale = total / part.clamp(min=1e-12)
+    out = torch.where(kept, weights * scale.unsqueeze(-1), torch.zeros_like(weights))
+    return torch.where(valid.unsqueeze(-1), out, weights), kept
+
+
+def merge_duplicate_slots(ids: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor,
+                          kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A valid token that holds expert e in several kept slots: the first of them (in slot order)
+    gets their summed weight (added left to right), the later ones weight 0 and kept False; their
+    ids stay, so any MoE backend runs them harmlessly. [T, k] ids, float32 weights, [T] valid,
+    [T, k] kept -> (weights, kept)."""
+    t, k = ids.shape
+    w, kept = weights.clone(), kept.clone()
+    rows = torch.arange(t, device=ids.device)
+    for j in range(1, k):
+        same = (ids[:, :j] == ids[:, j:j + 1]) & kept[:, :j]               # earlier kept copies of slot j
+        dup = same.any(1) & valid & kept[:, j]
+        first = same.to(torch.int8).argmax(1)                              # the first copy
+        w[rows, first] = torch.where(dup, w[rows, first] + w[:, j], w[rows, first])
+        w[:, j] = torch.where(dup, torch.zeros_like(w[:, j]), w[:, j])
+        kept[:, j] = kept[:, j] & ~dup
+    return w, kept
+
+
+def error_aware_gain(c: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares substitution statistics of one layer from its routed-token statistics.
+
+    c[e, p] = sum over tokens routed to e of q <f_e, f_p>; n[e, p] = the same sum of q |f_p|^2 (q = 1 or
+    the router weight). Replacing w f_e(x) by w a f_p(x) with a = c / n leaves, of e's routed output
+    energy c[e, e], the share 1 - g with g = c^2 / (n c[e, e]) in [0, 1]: g = 0 is no better than
+    dropping the slot (a = 0), g = 1 an exact substitute. Returns (scale a [E, E], gain g [E, E]) in
+    float32; entries without data (n = 0 or c[e, e] = 0) get a = 0, g = 0.
+    """
+    c, n = c.double(), n.double()
+    own = torch.diagonal(c).unsqueeze(1)                                           # [E, 1]
+    ok = (n > 0) & (own > 0)
+    scale = torch.where(ok, c / n.clamp(min=1e-300), torch.zeros_like(c))
+    gain = torch.where(ok, c * c / (n * own).clamp(min=1e-300), torch.zeros_like(c)).clamp(0.0, 1.0)
+    return scale.float(), gain.float()
+
+
+def error_aware_table(scale: torch.Tensor, gain: torch.Tensor, primary: torch.Tensor, threshold: float,
+                      drop_unmatched: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The error-aware per-batch table: e -> (p*, a) with p* = argmax over primaries of gain[e, p]
+    (lowest id on ties) when gain[e, p*] >= threshold; else e itself with scale 1 (kept) or 0 (dropped,
+    `drop_unmatched`). Primaries map to themselves with scale 1.
+
+    scale, gain: [E, E]; primary: [G, E] bool. Returns (table [G, E] int64, slot scale [G, E] float32).
+    """
+    masked = gain.unsqueeze(0).masked_fill(~primary.unsqueeze(1), float("-inf"))   # [G, E, E]
+    best = masked.argmax(dim=-1)
+    best_gain = masked.gather(-1, best.unsqueeze(-1)).squeeze(-1)
+    eye = torch.arange(gain.shape[0], device=gain.device).expand_as(best)
+    move = (~primary) & (best_gain >= threshold)
+    table = torch.where(move, best, eye)
+    moved_scale = scale.unsqueeze(0).expand(primary.shape[0], -1, -1).gather(-1, best.unsqueeze(-1)).squeeze(-1)
+    unmatched = torch.zeros_like(moved_scale) if drop_unmatched else torch.ones_like(moved_scale)
+    slot_scale = torch.where(primary, torch.ones_like(moved_scale), torch.where(move, moved_scale, unmatched))
+    return table, slot_scale
+
+
+def error_aware(topk_ids: torch.Tensor, topk_weights: torch.Tensor, scale: torch.Tensor, gain: torch.Tensor,
+                select_top_k: int, threshold: float, valid: torch.Tensor | None = None,
+                drop_unmatched: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Error-aware re-routing of weight-ordered [G, T, k] ids and weights: every valid secondary slot
+    of a non-primary expert e goes through `error_aware_table` (new id, weight times the scale).
+    The token's top-S slots, slots already on a primary and invalid tokens are unchanged.
+    Returns (new ids, new weights) with the input shapes and dtypes.
+    """
+    ids = topk_ids.long()
+    g, t, k = ids.shape
+    s = min(select_top_k, k)
+    primary = primary_mask(ids, s, gain.shape[0], valid)
+    table, slot_scale = error_aware_table(scale, gain, primary, threshold, drop_unmatched)
+    sec = ids[..., s:].reshape(g, -1)
+    new_sec = table.gather(1, sec).reshape(g, t, k - s)
+    sec_scale = slot_scale.gather(1, sec).reshape(g, t, k - s)
+    if valid is not None:
+        keep = ~valid.unsqueeze(-1)
+        new_sec = torch.where(keep, ids[..., s:], new_sec)
+        sec_scale = torch.where(keep, torch.ones_like(sec_scale), sec_scale)
+    new_ids = torch.cat([ids[..., :s], new_sec], -1).to(topk_ids.dtype)
+    w = topk_weights.float()
+    new_w = torch.cat([w[..., :s], w[..., s:] * sec_scale], -1).to(topk_weights.dtype)
+    return new_ids, new_w
 
 
 def _choose_paper(sec: torch.Tensor, sim: torch.Tensor, primary: torch.Tensor, threshold: float) -> torch.Tensor:

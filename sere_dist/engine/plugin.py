@@ -13,12 +13,18 @@ How it hooks in (vLLM 0.32):
 - When the model is built, each runner reads `additional_config["sere"]`, validates it against the
   model and the similarity artifact (errors name the field), and shadows its router's
   `_compute_routing` on the instance: logical top-k ids -> SERE -> EPLB mapping / dispatch.
+- The hook is one native op per layer and forward (`core.native.route_fast` -> `sere_dist::route`,
+  C++ on CPU, CUDA on GPU, the torch spec `core.reroute.route` where no kernel applies): it orders the
+  slots by weight, applies the rule (`mode`: paper, rank_aware or top_s), merges duplicate slots when
+  `merge_duplicates`, restores the router's slot order and returns new ids and weights. Every mode
+  needs the artifact (top_s ignores the similarity but the artifact still pins the model and S <= k).
 - Which tokens are re-routed: a per-process bool buffer `token_mask` [max tokens], rewritten in place
   before every forward (outside any traced graph) from the model runner's request state: decode
   tokens only (phase "decode"), or every real token (phase "all"). The hook only reads it, so the
   traced / CUDA-graph code has no host syncs and no baked-in Python ints.
-- Counters (distinct experts before/after, re-routed slots, batches) are int64 buffers updated in
-  place in the hook. A daemon thread in each worker copies them to a JSON file in `$SERE_STATS_DIR`
+- Counters (distinct experts before/after, re-routed slots, batches, tokens) are int64 buffers the op
+  updates in place: every step (`count_every: 1`), every Nth step (a device-side gate stored after the
+  token mask and written with it) or never (`count_every: 0`). A daemon thread in each worker copies them to a JSON file in `$SERE_STATS_DIR`
   (off the hot path); the API process exposes them on `/metrics` through a Prometheus collector.
   Offline: `sere_stats(llm)`.
 - CPU expert parallelism: vLLM-CPU's fused MoE kernels ignore `expert_map`; the runner maps global
@@ -42,16 +48,17 @@ import torch
 
 from sere_dist.core import native
 from sere_dist.core.config import SereConfig, SereConfigError
-from sere_dist.core.native import reroute_fast
-from sere_dist.core.reroute import used_experts
+from sere_dist.core.native import route_fast
+from sere_dist.core.reroute import COUNTS
 from sere_dist.engine.stats import COUNTERS, STATS_ENV, register_prometheus, start_writer
 
 log = logging.getLogger("sere_dist")
+assert COUNTS == COUNTERS, "core.reroute.COUNTS and engine.stats.COUNTERS must list the counters in one order"
 
 _LAYER_RE = re.compile(r"layers\.(\d+)\.")
 
-_state: dict[str, Any] = {"registered": False, "runners": [], "mask": None, "mask_host": None, "phase": "decode",
-                          "artifacts": {}, "configs": {}, "records": {}}
+_state: dict[str, Any] = {"registered": False, "runners": [], "mask": None, "mask_full": None, "mask_host": None,
+                          "phase": "decode", "steps": 0, "artifacts": {}, "configs": {}, "records": {}}
 _lock = threading.Lock()
 
 
@@ -244,10 +251,19 @@ def _configure(runner, vcfg, cfg: SereConfig) -> None:
     runner._sere_s = int(s)
     runner._sere_rho = float(rho)
     runner._sere_record = int(getattr(cfg, "record", 0) or 0)
+    runner._sere_rule = cfg.mode
+    runner._sere_merge = bool(cfg.merge_duplicates)
     runner.register_buffer("_sere_sim", sim.to(device=device, dtype=torch.float32).contiguous(), persistent=False)
     runner.register_buffer("_sere_counts", torch.zeros(len(COUNTERS), dtype=torch.int64, device=device),
                            persistent=False)
     runner.register_buffer("_sere_token_mask", _token_mask(vcfg, cfg.phase), persistent=False)
+    # count_every: 0 = the op never counts; 1 = always; N = when the per-process gate (set before each
+    # forward, like the token mask) says this step is an Nth one
+    runner._sere_count_on = cfg.count_every > 0
+    if cfg.count_every > 1:
+        runner.register_buffer("_sere_count_gate", _count_gate(cfg.count_every), persistent=False)
+    else:
+        runner._sere_count_gate = None
     if cfg.mode == "rank_aware":
         runner.register_buffer("_sere_expert_ranks", _expert_ranks(runner, num_experts).to(device), persistent=False)
     else:
@@ -258,14 +274,25 @@ def _configure(runner, vcfg, cfg: SereConfig) -> None:
 
 
 def _token_mask(vcfg, phase: str) -> torch.Tensor:
-    """The per-process [N] bool buffer of tokens to re-route (shared by every layer)."""
+    """The per-process [N] bool buffer of tokens to re-route (shared by every layer). It is the head of
+    one [N + 1] buffer whose last element is the count gate, so one copy per forward updates both."""
     if _state["mask"] is None:
         n = int(vcfg.scheduler_config.max_num_batched_tokens) + 1024
         dev = torch.device(vcfg.device_config.device)
-        _state["mask"] = torch.zeros(n, dtype=torch.bool, device=dev)
-        _state["mask_host"] = torch.zeros(n, dtype=torch.bool, pin_memory=dev.type == "cuda")
+        _state["mask_full"] = torch.zeros(n + 1, dtype=torch.bool, device=dev)
+        _state["mask_host"] = torch.zeros(n + 1, dtype=torch.bool, pin_memory=dev.type == "cuda")
+        _state["mask"] = _state["mask_full"][:n]
         _state["phase"] = phase
     return _state["mask"]
+
+
+def _count_gate(every: int) -> torch.Tensor:
+    """The per-process [1] bool count gate: True on every `every`-th forward step (set by _fill_token_mask)."""
+    if _state.get("count_every", every) != every:
+        raise SereConfigError(f"sere.count_every={every} differs from another engine's "
+                              f"{_state['count_every']} in this process; use one value per process")
+    _state["count_every"] = every
+    return _state["mask_full"][-1:]
 
 
 def _expert_ranks(runner, num_experts: int) -> torch.Tensor:
@@ -290,41 +317,25 @@ def _expert_ranks(runner, num_experts: int) -> torch.Tensor:
 def _compute_routing(runner, original, hidden_states, router_logits, indices_type, *, input_ids=None):
     weights, ids = original(hidden_states, router_logits, indices_type, input_ids=input_ids)
     if runner._sere_on:
-        ids = _sere(runner, weights, ids)
+        new_ids, new_weights = _sere(runner, weights, ids)
+        if runner._sere_record and not torch.compiler.is_compiling():
+            _record(runner, weights, ids, new_weights, new_ids)
+        weights, ids = new_weights, new_ids
     if runner._sere_ep_fix:
         weights, ids = _localize(runner.routed_experts.expert_map, weights, ids)
     return weights, ids
 
 
-def _sere(runner, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """[T, k] weights and ids -> re-routed [T, k] ids (slot order and weights unchanged)."""
-    t = ids.shape[0]
-    valid = runner._sere_token_mask[:t]
-    order = torch.sort(weights, dim=-1, descending=True, stable=True).indices   # slots by weight
-    sorted_ids = ids.gather(1, order)
-    new_sorted = _reroute(runner, sorted_ids, valid)
-    new_ids = torch.empty_like(ids).scatter_(1, order, new_sorted)
-    _count(runner, ids, new_ids, valid)
-    if runner._sere_record and not torch.compiler.is_compiling():
-        _record(runner, sorted_ids, valid, new_sorted)
-    return new_ids
-
-
-def _reroute(runner, sorted_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """The one re-routing call (the core dispatcher picks the kernel for the rule and device)."""
-    return reroute_fast(sorted_ids, runner._sere_sim, runner._sere_s, runner._sere_rho, valid,
-                        expert_ranks=runner._sere_expert_ranks)
-
-
-def _count(runner, ids: torch.Tensor, new_ids: torch.Tensor, valid: torch.Tensor) -> None:
-    e = runner._sere_sim.shape[0]
-    use = valid.unsqueeze(-1).expand(ids.shape).unsqueeze(0)
-    before = used_experts(ids.unsqueeze(0), e, use)
-    after = used_experts(new_ids.unsqueeze(0), e, use)
-    n_valid = valid.sum()
-    runner._sere_counts += torch.stack([before.sum(), after.sum(),
-                                        ((new_ids != ids) & valid.unsqueeze(-1)).sum(),
-                                        (n_valid > 0).long(), n_valid]).to(torch.int64)
+def _sere(runner, weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, k] router weights and ids (router slot order) -> new (ids, weights), same order: one native op
+    (`sere_dist::route`) orders the slots by weight, applies the rule, restores the order and updates
+    the counters in place (`core.native.route_fast`; the torch reference where no kernel applies)."""
+    valid = runner._sere_token_mask[:ids.shape[0]]
+    return route_fast(ids, weights, runner._sere_sim, runner._sere_s, runner._sere_rho, valid,
+                      rule=runner._sere_rule, expert_ranks=runner._sere_expert_ranks,
+                      merge_duplicates=runner._sere_merge,
+                      counts=runner._sere_counts if runner._sere_count_on else None,
+                      count_gate=runner._sere_count_gate)
 
 
 def _localize(expert_map: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):
@@ -335,11 +346,16 @@ def _localize(expert_map: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
             torch.where(keep, local, torch.zeros_like(local)).to(ids.dtype))
 
 
-def _record(runner, sorted_ids, valid, new_sorted) -> None:
+def _record(runner, weights, ids, new_weights, new_ids) -> None:
+    """Debug record of one batch, in weight order (as the re-routing rules see it)."""
     recs = _state["records"].setdefault(runner._sere_layer, [])
     if len(recs) < runner._sere_record:
-        recs.append({"ids": sorted_ids.cpu().tolist(), "valid": valid.cpu().tolist(),
-                     "new_ids": new_sorted.cpu().tolist()})
+        valid = runner._sere_token_mask[:ids.shape[0]]
+        order = torch.sort(weights, dim=-1, descending=True, stable=True).indices
+        recs.append({"ids": ids.gather(1, order).cpu().tolist(), "valid": valid.cpu().tolist(),
+                     "new_ids": new_ids.gather(1, order).cpu().tolist(),
+                     "weights": weights.gather(1, order).float().cpu().tolist(),
+                     "new_weights": new_weights.gather(1, order).float().cpu().tolist()})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -363,6 +379,9 @@ def _fill_token_mask(model_runner, input_ids, positions) -> None:
     host = _state["mask_host"]
     hnp = host.numpy()
     hnp[:] = False
+    every = _state.get("count_every", 1)
+    hnp[-1] = _state["steps"] % every == 0           # the count gate (count_every > 1)
+    _state["steps"] += 1
     batch = getattr(model_runner, "input_batch", None)
     qsl = getattr(getattr(model_runner, "query_start_loc", None), "np", None)
     n = int(getattr(batch, "num_reqs", 0) or 0)
@@ -373,8 +392,9 @@ def _fill_token_mask(model_runner, input_ids, positions) -> None:
         else:  # a request whose prompt is fully computed is decoding
             is_tok = batch.num_computed_tokens_cpu[:n] >= batch.num_prompt_tokens[:n]
         flags = np.repeat(is_tok, np.maximum(lens, 0))
-        hnp[:min(len(flags), len(hnp))] = flags[:len(hnp)]
-    mask = _state["mask"]
+        m = len(hnp) - 1
+        hnp[:min(len(flags), m)] = flags[:m]
+    mask = _state["mask_full"]
     mask.copy_(host, non_blocking=mask.device.type == "cuda")
 
 
