@@ -1,23 +1,45 @@
-"""Fidelity vs active experts: SERE over a grid of (S, rho) against six training-free baselines.
+"""Fidelity at equal active experts: what to do with a token's secondary slots, with intervals.
 
-For each model (the trained tiny Qwen3-MoE, and the planted one) and decode batch size B, every
-method's knob is swept; each point reports the mean number of distinct experts a decode batch runs
-per MoE layer and the fidelity against the unmodified model on held-out text (top-1 next-token
-agreement, KL(ref || method) in nats per token, perplexity). Methods are compared at equal
-distinct-expert count: each method's Pareto front is interpolated at common expert counts.
+SERE keeps each token's top-S experts; the union over the batch is the primary set. Every rule here
+runs exactly that set (SERE at rho = 0 and all baselines below), so they differ only in what happens
+to a secondary slot whose expert is not primary:
 
-    python benchmarks/bench_fidelity.py                      # full grid, ~20 min on 2 busy cores
-    python benchmarks/bench_fidelity.py --quick              # smaller grid for a smoke run
+    sere          the paper's rule: move it to the most similar primary (calibrated similarity)
+    error_aware   move it to the primary p that best reproduces it after scaling, weight times the
+                  least-squares scale a(e, p) (calibrated routed-token statistics C, N; gain threshold 0)
+    random        move it to a uniformly random primary (the paper's ablation)
+    router_logit  move it to the primary with the highest router logit the token does not hold yet
+    oracle        move it to the primary whose true output on this token is closest (upper bound of
+                  any re-routing rule that keeps the weight; looks at the outputs)
+    drop          drop it, kept weights unchanged
+    drop_renorm   drop it, kept weights rescaled to the original sum
+    top_s         naive top-S: drop every secondary (also those on primaries), rescale
 
-Writes benchmarks/results/fidelity.json and fidelity_<model>.png.
+Models: the shipped trained model (16 experts top-4), one trained from scratch with 64 experts top-8
+(fine-grained, like Qwen3-30B-A3B / OLMoE) and one upcycled from a dense model (like Qwen1.5-MoE).
+Held-out text: Python stdlib documents never used in training or calibration, teacher-forced; the
+tokens at one position of B sequences form one simulated decode batch. Each seed draws which
+sequences share a batch (and random's choices); each seed owns 32 held-out sequences of 64 tokens
+(2016 scored positions; 64 sequences at B = 64), so 10 seeds score 20160 tokens (40320 at B = 64), each
+once. Active-expert fractions (of the unmodified model's
+distinct experts per layer per batch) are reached by mixing the two neighbouring S values (a convex
+combination of their per-token losses, which is what alternating S between batches would give).
+Intervals: paired bootstrap over sequences of
+KL(best other deployable method) - KL(method): positive = this method is better.
+
+    python benchmarks/bench_fidelity.py              # all three models, 10 seeds, >= 20160 tokens per batch size
+    python benchmarks/bench_fidelity.py --quick      # smoke run
+
+Writes benchmarks/results/fidelity.json and fidelity_<model>.png (for --out X.json: X_<model>.png).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,51 +47,43 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sere_dist.eval import baselines as bl
 from sere_dist.calibration.capture import load_model, moe_blocks, tokenize_texts
-from sere_dist.calibration.pipeline import calibrate
-from sere_dist.core.config import SereConfig
 from sere_dist.calibration.corpus import split_corpus, stdlib_documents
-from sere_dist.eval.fidelity import RoutingPatch, evaluate, identity_transform, record_transform, sere_transform
-from sere_dist.models.tiny import DATA_DIR, TinySpec, build_model
+from sere_dist.calibration.pipeline import calibrate_in_process
+from sere_dist.core.config import SereConfig
+from sere_dist.eval import baselines as bl
+from sere_dist.eval.fidelity import (RoutingPatch, paired_bootstrap, record_transform, reference, score,
+                                     sere_transform)
+from sere_dist.models.tiny import DATA_DIR
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("sere", "top_s", "naee", "static_prune", "random", "oea", "xshare")
-LABELS = {"sere": "SERE (S, rho)", "top_s": "naive top-S", "naee": "NAEE skip (beta)",
-          "static_prune": "static pruning (#pruned)", "random": "random re-route (S)",
-          "oea": "OEA piggyback (S)", "xshare": "XShare budget"}
+MODELS = {"shipped": DATA_DIR / "tiny-trained", "scratch64": DATA_DIR / "tiny-scratch64",
+          "upcycled": DATA_DIR / "tiny-upcycled"}
+METHODS = ("sere", "error_aware", "random", "router_logit", "oracle", "drop", "drop_renorm", "top_s")
+DEPLOYABLE = tuple(m for m in METHODS if m != "oracle")
+LABELS = {"sere": "SERE (paper rule, rho=0)", "error_aware": "error-aware (LS scale)", "random": "random primary", "router_logit": "router-logit primary",
+          "oracle": "oracle primary (bound)", "drop": "drop, no renorm", "drop_renorm": "drop + renorm",
+          "top_s": "naive top-S"}
+FRACTIONS = (0.5, 0.625, 0.75, 0.875)
 
 
-def grid(top_k: int, num_experts: int, quick: bool) -> list[tuple[str, str, object]]:
-    """(method, knob description, knob value) points."""
-    s_vals = list(range(1, top_k))
-    rhos = [0.0, 0.3, 0.6] if quick else [0.0, 0.2, 0.4, 0.6, 0.8]
-    pts: list[tuple[str, str, object]] = [("sere", f"S={s} rho={r}", (s, r)) for s in s_vals for r in rhos]
-    pts += [("top_s", f"S={s}", s) for s in s_vals]
-    pts += [("naee", f"beta={b}", b) for b in ([0.3, 0.6] if quick else [0.1, 0.2, 0.3, 0.5, 0.7])]
-    pts += [("static_prune", f"pruned={n}", n) for n in ([4, 8] if quick else range(2, num_experts - 1, 2))]
-    pts += [("random", f"S={s}", s) for s in s_vals]
-    pts += [("oea", f"S={s}", s) for s in s_vals]
-    pts += [("xshare", f"budget={b}", b) for b in ([4, 8] if quick else range(2, num_experts, 2))]
-    return pts
-
-
-def transform_for(method: str, knob, sims, keep_sets, num_experts: int, normalize: bool):
+def transform_for(method: str, s: int, sims, num_experts: int, seed: int, routed=None):
     if method == "sere":
-        s, rho = knob
-        return sere_transform(sims, SereConfig(select_top_k=s, threshold=rho))
-    if method == "top_s":
-        return bl.naive_top_s_transform(num_experts, knob)
-    if method == "naee":
-        return bl.naee_transform(num_experts, knob)
-    if method == "static_prune":
-        return bl.static_prune_transform(num_experts, keep_sets[knob], normalize)
+        return sere_transform(sims, SereConfig(select_top_k=s, threshold=0.0))
+    if method == "error_aware":
+        return bl.error_aware_transform(routed, s, threshold=0.0)
     if method == "random":
-        return bl.random_reroute_transform(num_experts, knob, seed=0)
-    if method == "oea":
-        return bl.oea_transform(num_experts, knob, normalize)
-    if method == "xshare":
-        return bl.xshare_transform(num_experts, knob, normalize)
+        return bl.random_reroute_transform(num_experts, s, seed=seed)
+    if method == "router_logit":
+        return bl.router_logit_transform(num_experts, s)
+    if method == "oracle":
+        return bl.oracle_transform(num_experts, s)
+    if method == "drop":
+        return bl.drop_transform(num_experts, s, renormalize=False)
+    if method == "drop_renorm":
+        return bl.drop_transform(num_experts, s, renormalize=True)
+    if method == "top_s":
+        return bl.naive_top_s_transform(num_experts, s)
     raise ValueError(method)
 
 
@@ -86,101 +100,170 @@ def heldout_tokens(tok, docs: list[str], num: int, seq_len: int) -> torch.Tensor
     return chunks[torch.linspace(0, n_chunks - 1, num).long()]
 
 
-def usage_per_layer(model, tokens: torch.Tensor, num_experts: int) -> dict[int, torch.Tensor]:
-    """Expert usage counts per MoE layer on calibration tokens (for static pruning)."""
+def unmodified_routing(model, tokens: torch.Tensor, num_experts: int) -> dict[int, torch.Tensor]:
+    """layer -> [N, L, k] expert ids of the unmodified model (sorted by weight)."""
     store: dict[int, list] = {}
     with torch.no_grad(), RoutingPatch(model, record_transform(num_experts, store)):
-        for s in range(0, tokens.shape[0], 16):
-            model(tokens[s:s + 16])
-    return {layer: sum(bl.usage_counts(ids, num_experts, valid) for ids, _, valid in calls)
-            for layer, calls in store.items()}
+        for s in range(0, tokens.shape[0], 64):
+            model(tokens[s:s + 64])
+    return {layer: torch.cat([ids.transpose(0, 1) for ids, _, _ in calls]) for layer, calls in store.items()}
 
 
-def pareto(points: list[dict]) -> list[dict]:
-    """Points not dominated in (fewer experts, higher top-1 agreement), sorted by experts."""
-    pts = sorted(points, key=lambda p: (p["experts"], -p["top1_agreement"]))
-    front, best = [], -1.0
-    for p in pts:
-        if p["top1_agreement"] > best:
-            front.append(p)
-            best = p["top1_agreement"]
-    return front
+def distinct_by_s(routing: dict[int, torch.Tensor], batch: int, order: torch.Tensor, num_experts: int) -> list[float]:
+    """Mean distinct experts per layer per decode batch when only each token's top-S run, S = 1..k
+    (unmodified routing; the k entry is the unmodified count)."""
+    k = next(iter(routing.values())).shape[-1]
+    out = []
+    for s in range(1, k + 1):
+        vals = []
+        for ids in routing.values():
+            x = ids[order].reshape(-1, batch, ids.shape[1], k)[..., :s]            # [nb, B, L, S]
+            x = x.permute(0, 2, 1, 3).reshape(-1, batch * s)                         # [nb*L, B*S]
+            hit = torch.zeros(x.shape[0], num_experts, dtype=torch.bool).scatter_(1, x.long(), True)
+            vals.append(hit.sum(1).float().mean())
+        out.append(float(torch.stack(vals).mean()))
+    return out
 
 
-def at_count(front: list[dict], target: float, key: str) -> float | None:
-    """Linear interpolation of `key` along a Pareto front at `target` experts (None outside its range)."""
-    xs = [p["experts"] for p in front]
-    if not xs or target < xs[0] - 1e-9 or target > xs[-1] + 1e-9:
-        return None
-    return float(np.interp(target, xs, [p[key] for p in front]))
+def s_values_for(fracs_by_s: list[float], targets) -> list[int]:
+    """The S values whose active fractions bracket each reachable target (S in 1..k-1; k = unmodified)."""
+    k = len(fracs_by_s)
+    need = set()
+    for f in targets:
+        for s in range(1, k):
+            lo, hi = fracs_by_s[s - 1], fracs_by_s[s]
+            if lo <= f <= hi:
+                need.update({s, s + 1} - {k})
+                break
+    return sorted(need)
 
 
-def run_model(name: str, model, tok, args) -> dict:
+def interpolate(points: dict[int, dict], target: float, unmodified: dict) -> tuple[dict, dict] | None:
+    """Mix the two S points (or S = k-1 and the unmodified model) whose experts bracket `target`
+    experts: per-sequence kl/agree and experts as the convex combination. None when unreachable."""
+    pts = sorted(points.items(), key=lambda kv: kv[1]["experts"]) + [(None, unmodified)]
+    for (s_a, a), (s_b, b) in zip(pts, pts[1:]):
+        if a["experts"] - 1e-9 <= target <= b["experts"] + 1e-9:
+            lam = 0.0 if b["experts"] == a["experts"] else (target - a["experts"]) / (b["experts"] - a["experts"])
+            mix = {key: (1 - lam) * a[key] + lam * b[key] for key in ("kl", "agree")}
+            return mix, {"S_low": s_a, "S_high": s_b, "mix": round(lam, 4)}
+    return None
+
+
+def run_model(name: str, path: Path, args) -> dict:
+    model, tok = load_model(path)
     blocks = moe_blocks(model)
     first = next(iter(blocks.values()))
-    num_experts = first.experts.gate_up_proj.shape[0]
-    top_k = first.gate.top_k
-    normalize = bool(getattr(model.config, "norm_topk_prob", True))
+    num_experts, top_k = first.experts.gate_up_proj.shape[0], first.gate.top_k
     train_docs, held_docs = split_corpus(stdlib_documents())
-    cal = tokenize_texts(tok, train_docs, args.seq_len, args.cal_samples)
+    cal = tokenize_texts(tok, train_docs, args.cal_seq_len, args.cal_samples)
     t0 = time.time()
-    art = calibrate(model, cal, metric="frobenius", batch_size=8)
+    red = calibrate_in_process(model, cal, metric="frobenius", batch_size=8)
+    routed = {layer: acc.stats("count") for layer, acc in red.routed.items()}
     cal_s = time.time() - t0
-    usage = usage_per_layer(model, cal, num_experts)
-    points = grid(top_k, num_experts, args.quick)
-    keep_sets = {k: {layer: bl.prune_least_used(c, k) for layer, c in usage.items()}
-                 for m, _, k in points if m == "static_prune"}
+    diag = None
+    try:                                     # the calibration report's redundancy diagnostics
+        from sere_dist.calibration.diagnostics import diagnose
+        diag = diagnose(model, cal)
+    except ImportError:
+        pass
     ev = heldout_tokens(tok, held_docs, args.eval_samples, args.seq_len)
-    rows = []
+    ref = reference(model, ev, batch_size=64)
+    routing = unmodified_routing(model, ev, num_experts)
+    training = {}
+    if (path / "training.json").exists():
+        t = json.loads((path / "training.json").read_text())
+        training = {k: t[k] for k in ("heldout_ppl", "dense_heldout_ppl", "upcycled_init_heldout_ppl") if k in t}
+    res = {"model": name, "path": str(path.relative_to(DATA_DIR.parents[1])), "num_experts": num_experts,
+           "top_k": top_k, "moe_layers": len(blocks), "training": training,
+           "calibration": {"metric": "frobenius", "tokens": int(cal.numel()), "seconds": round(cal_s, 2)},
+           "diagnostics": diag, "eval_tokens": int(ref.mask[:args.seeds * args.per_seed].sum()),
+           "eval_sequences": int(ev.shape[0]), "per_seed": args.per_seed,
+           "batches": [], "rows": []}
+    # Seeds: each seed owns its own slice of the held-out sequences (args.per_seed of them, every token
+    # scored once) and draws which of them share a decode batch, and random's choices.
+    # A batch of B needs at least B sequences per seed: seeds own max(per_seed, B) sequences.
+    owner = torch.randperm(ev.shape[0], generator=torch.Generator().manual_seed(999))
     for b in args.batch_sizes:
-        ref = evaluate(model, ev, identity_transform(num_experts), batch_size=b)
-        rows.append({"method": "unmodified", "knob": "-", "batch_size": b, **_slim(ref)})
-        for method, desc, knob in points:
-            t = time.time()
-            r = evaluate(model, ev, transform_for(method, knob, art.matrices, keep_sets, num_experts, normalize),
-                         batch_size=b)
-            rows.append({"method": method, "knob": desc, "batch_size": b, **_slim(r), "eval_s": time.time() - t})
-        print(f"  {name}: B={b} done ({len(points)} points)", flush=True)
-    return {"model": name, "num_experts": num_experts, "top_k": top_k, "norm_topk_prob": normalize,
-            "moe_layers": len(blocks), "calibration": {"metric": "frobenius", "tokens": int(cal.numel()),
-                                                       "seconds": round(cal_s, 2)},
-            "eval_tokens": int(ev.numel()), "rows": rows}
-
-
-def _slim(r: dict) -> dict:
-    return {k: r[k] for k in ("experts", "ref_experts", "top1_agreement", "kl", "ppl", "ref_ppl", "tokens")} | {
-        "experts_per_layer": {str(k): v for k, v in r["experts_per_layer"].items()}}
-
-
-def equal_count_table(res: dict, batch_size: int) -> tuple[list[float], dict[str, list]]:
-    rows = [r for r in res["rows"] if r["batch_size"] == batch_size]
-    ref = next(r for r in rows if r["method"] == "unmodified")
-    targets = [round(ref["experts"] * f, 2) for f in (0.5, 0.625, 0.75, 0.875)]
-    table = {}
-    for m in METHODS:
-        front = pareto([r for r in rows if r["method"] == m])
-        table[m] = [(at_count(front, t, "top1_agreement"), at_count(front, t, "kl")) for t in targets]
-    return targets, table
+        tb = time.time()
+        per = max(args.per_seed, b)
+        slices = [owner[sd * per:(sd + 1) * per] for sd in range(args.seeds)]
+        order = torch.cat([sl[torch.randperm(sl.numel(), generator=torch.Generator().manual_seed(1000 + 37 * b + sd))]
+                           for sd, sl in enumerate(slices)])
+        used = torch.zeros(ev.shape[0], dtype=torch.bool)
+        used[order] = True
+        tokens_per_seq = ref.mask.sum(-1).double() * used
+        per_s = distinct_by_s(routing, b, order, num_experts)
+        ref_experts = per_s[-1]
+        fracs = [v / ref_experts for v in per_s]
+        s_set = s_values_for(fracs, FRACTIONS)
+        acc: dict[str, dict[int, dict]] = {m: {} for m in args.methods}
+        for m in args.methods:
+            for s in s_set:
+                r = score(model, ev, transform_for(m, s, red.matrices, num_experts, seed=b, routed=routed), ref,
+                          batch_size=b, order=order)
+                acc[m][s] = {"kl": r["kl"], "agree": r["agree"], "experts": r["experts"]}
+        unmod = {"kl": torch.zeros_like(tokens_per_seq), "agree": tokens_per_seq, "experts": ref_experts}
+        points = []
+        for m in args.methods:
+            for s, a in sorted(acc[m].items()):
+                points.append({"method": m, "S": s, "experts": a["experts"], "experts_frac": a["experts"] / ref_experts,
+                               "kl": float(a["kl"].sum() / tokens_per_seq.sum()),
+                               "top1": float(a["agree"].sum() / tokens_per_seq.sum())})
+        res["batches"].append({"batch": b, "tokens": int(tokens_per_seq.sum()), "sequences": int(used.sum()),
+                               "unmodified_experts": ref_experts, "topS_fracs_unmodified": fracs,
+                               "S_evaluated": s_set, "points": points, "seconds": round(time.time() - tb, 1)})
+        for f in FRACTIONS:
+            mixed = {m: interpolate(acc[m], f * ref_experts, unmod) for m in args.methods}
+            if any(v is None for v in mixed.values()):
+                continue
+            mean_kl = {m: float(v[0]["kl"].sum() / tokens_per_seq.sum()) for m, v in mixed.items()}
+            for m, (vals, how) in mixed.items():
+                others = [o for o in args.methods if o != m and o in DEPLOYABLE]
+                best = min(others, key=lambda o: mean_kl[o])
+                est, lo, hi = paired_bootstrap((mixed[best][0]["kl"] - vals["kl"])[used], tokens_per_seq[used],
+                                               n_boot=args.boot, seed=b)
+                res["rows"].append({"model": name, "batch": b, "experts_frac": f, "method": m,
+                                    "kl": mean_kl[m], "top1": float(vals["agree"].sum() / tokens_per_seq.sum()),
+                                    "seeds": args.seeds, "tokens": int(tokens_per_seq.sum()), "best_other": best,
+                                    "kl_gain": est, "kl_gain_ci95": [lo, hi], **how})
+            if "random" in mixed and "oracle" in mixed:
+                est, lo, hi = paired_bootstrap((mixed["random"][0]["kl"] - mixed["oracle"][0]["kl"])[used],
+                                               tokens_per_seq[used], n_boot=args.boot, seed=b + 1)
+                res.setdefault("headroom", []).append({"batch": b, "experts_frac": f, "random_minus_oracle_kl": est,
+                                                       "ci95": [lo, hi], "random_kl": mean_kl["random"],
+                                                       "oracle_kl": mean_kl["oracle"]})
+        print(f"  {name}: B={b} done (S {s_set}, {time.time() - tb:.0f} s)", flush=True)
+    return res
 
 
 def print_tables(res: dict) -> None:
-    print(f"\n== {res['model']}: {res['num_experts']} experts, top-{res['top_k']}, {res['moe_layers']} MoE layers, "
-          f"{res['eval_tokens']} held-out tokens ==")
-    for b in sorted({r["batch_size"] for r in res["rows"]}):
-        rows = [r for r in res["rows"] if r["batch_size"] == b]
-        ref = next(r for r in rows if r["method"] == "unmodified")
-        print(f"\nB={b}: unmodified runs {ref['experts']:.2f} experts/layer, ppl {ref['ppl']:.2f}")
-        print(f"  Pareto fronts (experts/layer -> top-1 agreement, KL):")
+    tr = res.get("training") or {}
+    print(f"\n== {res['model']}: {res['num_experts']} experts, top-{res['top_k']}, {res['moe_layers']} MoE layers; "
+          f"held-out ppl {tr.get('heldout_ppl', float('nan')):.2f}"
+          + (f" (dense parent {tr['dense_heldout_ppl']:.2f})" if "dense_heldout_ppl" in tr else "")
+          + f"; {res['eval_tokens']} tokens ==")
+    if res.get("diagnostics") and res["diagnostics"].get("verdict"):
+        print(f"  calibration diagnostics: {res['diagnostics']['verdict']}")
+    rows = res["rows"]
+    for b in sorted({r["batch"] for r in rows}):
+        print(f"\nB={b}: KL(ref||method) x1e3 [95% CI of gain vs best other]  (top-1)")
+        fr = sorted({r["experts_frac"] for r in rows if r["batch"] == b})
+        print("  " + f"{'method':<26}" + "".join(f"{f'{f:.0%} active':>34}" for f in fr))
         for m in METHODS:
-            front = pareto([r for r in rows if r["method"] == m])
-            pts = "  ".join(f"{p['experts']:.2f}:{p['top1_agreement']:.3f}/{p['kl']:.3f} ({p['knob']})" for p in front)
-            print(f"  {LABELS[m]:<26} {pts}")
-        targets, table = equal_count_table(res, b)
-        print(f"  At equal distinct-expert count (top-1 agreement | KL):")
-        print("  " + f"{'method':<26}" + "".join(f"{t:>18.2f}" for t in targets))
-        for m in METHODS:
-            cells = "".join(f"{'-':>18}" if a is None else f"{a:>10.3f} | {k:<5.3f}" for a, k in table[m])
-            print(f"  {LABELS[m]:<26}{cells}")
+            cells = []
+            for f in fr:
+                r = next((r for r in rows if r["batch"] == b and r["experts_frac"] == f and r["method"] == m), None)
+                if r is None:
+                    cells.append(f"{'-':>34}")
+                    continue
+                lo, hi = r["kl_gain_ci95"]
+                mark = "+" if lo > 0 else ("-" if hi < 0 else "~")
+                cells.append(f"{r['kl'] * 1e3:>8.2f} [{lo * 1e3:+6.2f},{hi * 1e3:+6.2f}]{mark} ({r['top1']:.3f})")
+            print(f"  {LABELS[m]:<26}" + "".join(f"{c:>34}" for c in cells))
+    for h in res.get("headroom", []):
+        print(f"  headroom B={h['batch']} {h['experts_frac']:.0%}: random - oracle KL = {h['random_minus_oracle_kl'] * 1e3:.2f}e-3 "
+              f"[{h['ci95'][0] * 1e3:.2f}, {h['ci95'][1] * 1e3:.2f}]")
 
 
 def plot(res: dict, path: Path) -> None:
@@ -188,67 +271,78 @@ def plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bs = sorted({r["batch_size"] for r in res["rows"]})
-    fig, axes = plt.subplots(2, len(bs), figsize=(4 * len(bs), 7), squeeze=False)
+    bs = sorted({r["batch"] for r in res["rows"]}) or [bb["batch"] for bb in res["batches"]]
+    fig, axes = plt.subplots(1, len(bs), figsize=(4 * len(bs), 3.6), squeeze=False)
     for j, b in enumerate(bs):
-        rows = [r for r in res["rows"] if r["batch_size"] == b]
-        ref = next(r for r in rows if r["method"] == "unmodified")
+        ax = axes[0][j]
+        pts = next(bb["points"] for bb in res["batches"] if bb["batch"] == b)
         for m in METHODS:
-            pts = sorted([r for r in rows if r["method"] == m], key=lambda r: r["experts"])
-            front = pareto(pts)
-            line, = axes[0][j].plot([p["experts"] for p in front], [p["top1_agreement"] for p in front], "-",
-                                    label=LABELS[m])
-            axes[0][j].plot([p["experts"] for p in pts], [p["top1_agreement"] for p in pts], ".",
-                            color=line.get_color(), alpha=0.5)
-            axes[1][j].plot([p["experts"] for p in front], [max(p["kl"], 1e-5) for p in front], "-",
-                            color=line.get_color())
-        for ax in (axes[0][j], axes[1][j]):
-            ax.axvline(ref["experts"], color="grey", ls=":", lw=1)
-        axes[0][j].set_title(f"B = {b}")
-        axes[1][j].set_yscale("log")
-        axes[1][j].set_xlabel("distinct experts per layer per decode batch")
-    axes[0][0].set_ylabel("top-1 agreement with unmodified")
-    axes[1][0].set_ylabel("KL(ref || method), nats/token")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"{res['model']}: fidelity vs active experts (Pareto fronts; dots = all points)")
+            mp = sorted([p for p in pts if p["method"] == m], key=lambda p: p["experts_frac"])
+            if mp:
+                ax.plot([p["experts_frac"] for p in mp], [max(p["kl"], 1e-6) for p in mp], marker="o", ms=3,
+                        label=LABELS[m], ls="--" if m == "oracle" else "-")
+        for f in FRACTIONS:
+            ax.axvline(f, color="grey", lw=0.5, ls=":")
+        ax.set_yscale("log")
+        ax.set_title(f"B = {b}")
+        ax.set_xlabel("active experts / unmodified")
+    axes[0][0].set_ylabel("KL(unmodified || method), nats/token")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"{res['model']}: {res['num_experts']} experts top-{res['top_k']}, "
+                 f"{res['eval_tokens']} tokens, {next(iter(res['rows']), {}).get('seeds', '?')} seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
+def _uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["trained", "planted"], choices=["trained", "planted"])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 16, 32, 64])
-    p.add_argument("--seq-len", type=int, default=48)
-    p.add_argument("--eval-samples", type=int, default=64)
-    p.add_argument("--cal-samples", type=int, default=32)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--per-seed", type=int, default=32, help="held-out sequences per seed, at least B (each scored once)")
+    p.add_argument("--cal-samples", type=int, default=64)
+    p.add_argument("--cal-seq-len", type=int, default=64)
+    p.add_argument("--seeds", type=int, default=10)
+    p.add_argument("--boot", type=int, default=2000)
+    p.add_argument("--quick", action="store_true", help="2 seeds, 64 sequences, B = 16 only")
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--out", default=str(RESULTS / "fidelity.json"))
     args = p.parse_args(argv)
+    if args.quick:
+        args.seeds, args.per_seed, args.batch_sizes, args.boot = 2, 32, [16], 500
+    bad = [b for b in args.batch_sizes if b < 1 or max(args.per_seed, b) % b]
+    if bad:
+        p.error(f"--batch-sizes {bad} must divide --per-seed ({args.per_seed}) or exceed it")
+    args.eval_samples = args.seeds * max([args.per_seed] + args.batch_sizes)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t0 = time.time()
     out = {"benchmark": "fidelity", "command": "python " + " ".join(["benchmarks/bench_fidelity.py"] + sys.argv[1:]),
            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
-           "batch_sizes": args.batch_sizes, "seq_len": args.seq_len, "models": []}
+           "uptime_before": _uptime(), "batch_sizes": args.batch_sizes, "seq_len": args.seq_len, "seeds": args.seeds,
+           "fractions": list(FRACTIONS), "methods": list(args.methods), "models": []}
     for name in args.models:
-        if name == "trained":
-            path = DATA_DIR / "tiny-trained"
-            if not (path / "config.json").exists():
-                print(f"skipping trained: {path} does not exist")
-                continue
-            model, tok = load_model(path)
-        else:
-            model, tok = build_model(TinySpec(), "planted")
-        print(f"[{name}] evaluating", flush=True)
-        res = run_model(name, model, tok, args)
+        path = MODELS[name]
+        if not (path / "config.json").exists():
+            print(f"skipping {name}: {path} does not exist (train it: see sere_dist/models/train.py)")
+            continue
+        print(f"[{name}] evaluating {path}", flush=True)
+        res = run_model(name, path, args)
         out["models"].append(res)
         print_tables(res)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        plot(res, Path(args.out).with_name(f"fidelity_{name}.png"))
+        plot(res, Path(args.out).with_name(f"{Path(args.out).stem}_{name}.png"))
     out["wall_s"] = round(time.time() - t0, 1)
+    out["uptime_after"] = _uptime()
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"\nwrote {args.out} in {out['wall_s']} s")
     return 0

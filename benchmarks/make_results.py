@@ -67,68 +67,119 @@ def cmd_line(d: dict, fallback: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 
-def fidelity_section(d: dict) -> tuple[str, list[str]]:
-    from bench_fidelity import LABELS, METHODS, equal_count_table, pareto
+def fidelity_section(d: dict, title: str = "Fidelity at equal active experts (SERE, the baselines, the oracle bound)",
+                     stem: str = "fidelity") -> tuple[str, list[str]]:
+    from bench_fidelity import DEPLOYABLE, LABELS, METHODS
 
-    lines = ["## Fidelity vs active experts (SERE and six baselines)", "",
-             cmd_line(d, "python benchmarks/bench_fidelity.py") + f" ({d.get('wall_s', '?')} s). "
-             "Teacher-forced held-out text (Python stdlib documents not used in training or calibration); "
-             "the tokens at one position of B sequences form one simulated decode batch. "
-             "*experts* = distinct experts per MoE layer per decode batch (mean); *top-1* = next-token argmax "
-             "agreement with the unmodified model; *KL* = KL(unmodified || method) in nats/token. "
-             "Each method's knob is swept and its Pareto front (fewer experts, higher top-1) interpolated at "
-             "fixed fractions of the unmodified model's expert count; – = the method cannot reach that count.", ""]
-    notes = []
-    summary_rows: list[list[str]] = []
+    lines = [f"## {title}", "",
+             cmd_line(d, "python benchmarks/bench_fidelity.py") + f" ({d.get('wall_s', '?')} s; load "
+             f"before: `{d.get('uptime_before', '?')}`). "
+             "Teacher-forced held-out text (Python stdlib documents never used in training or calibration); the "
+             "tokens at one position of B sequences form one simulated decode batch. Every method runs exactly "
+             "SERE's primary set (the union of the batch's top-S experts; SERE at rho = 0), so they differ only in "
+             "what a non-primary secondary slot does. *active* = distinct experts per layer per batch as a "
+             "fraction of the unmodified model's, reached by mixing the two neighbouring S values. Cells: "
+             "KL(unmodified || method) x 1e3 nats/token, top-1 agreement in brackets, then the paired bootstrap 95% "
+             "interval (over sequences) of KL(best other deployable method) - KL(this method), x 1e3: **bold** = "
+             "the interval excludes zero in this method's favour (it wins), *italic* = it loses. The oracle is an "
+             f"upper bound that reads the true expert outputs; it is never the 'best other'. {d.get('seeds', '?')} "
+             "seeds (which sequences share a batch, random's draws).", ""]
+    notes: list[str] = []
+    verdicts: list[str] = []
     for m in d["models"]:
-        lines.append(f"### {m['model']} model: {m['num_experts']} experts, top-{m['top_k']}, {m['moe_layers']} "
-                     f"MoE layers, {m['eval_tokens']} held-out tokens; calibration {m['calibration']['metric']} on "
-                     f"{m['calibration']['tokens']} tokens ({m['calibration']['seconds']} s)")
+        tr = m.get("training") or {}
+        ppl = f"held-out perplexity {tr['heldout_ppl']:.2f}" if "heldout_ppl" in tr else ""
+        if "dense_heldout_ppl" in tr:
+            ppl += f" (its dense parent {tr['dense_heldout_ppl']:.2f})"
+        lines.append(f"### {m['model']}: {m['num_experts']} experts, top-{m['top_k']}, {m['moe_layers']} MoE layers "
+                     f"(`{m.get('path', '')}`); {ppl}; {m['eval_tokens']} evaluation tokens")
         lines.append("")
-        for b in d["batch_sizes"]:
-            rows_b = [r for r in m["rows"] if r["batch_size"] == b]
-            if not rows_b:
-                continue
-            ref = next(r for r in rows_b if r["method"] == "unmodified")
-            targets, tab = equal_count_table(m, b)
-            lines.append(f"**B = {b}** (unmodified: {ref['experts']:.2f} experts/layer, ppl {ref['ppl']:.2f}). "
-                         f"Cells: top-1 agreement / KL at equal expert count.")
+        diag = m.get("diagnostics") or {}
+        if diag.get("verdict"):
+            lines += [f"Calibration diagnostics: {diag['verdict']}", ""]
+        wins: dict[str, int] = {}
+        cells = 0
+        sere_loses: list[str] = []
+        for b in sorted({r["batch"] for r in m["rows"]}):
+            rows_b = [r for r in m["rows"] if r["batch"] == b]
+            fr = sorted({r["experts_frac"] for r in rows_b})
+            bb = next((x for x in m.get("batches", []) if x["batch"] == b), {})
+            lines.append(f"**B = {b}** (unmodified: {bb.get('unmodified_experts', float('nan')):.2f} experts per layer "
+                         f"per batch)")
             lines.append("")
-            hdr = ["method"] + [f"{t:.2f} experts ({t / ref['experts']:.0%})" for t in targets]
-            rows = []
+            out = []
             for meth in METHODS:
-                rows.append([LABELS[meth]] + ["–" if a is None else f"{a:.3f} / {k:.4f}" for a, k in tab[meth]])
-            lines.append(table(hdr, rows))
+                row = [LABELS[meth]]
+                for f in fr:
+                    r = next((r for r in rows_b if r["experts_frac"] == f and r["method"] == meth), None)
+                    if r is None:
+                        row.append("–")
+                        continue
+                    lo, hi = r["kl_gain_ci95"]
+                    cell = f"{r['kl'] * 1e3:.2f} ({r['top1']:.3f}) [{lo * 1e3:+.2f}, {hi * 1e3:+.2f}]"
+                    row.append(f"**{cell}**" if lo > 0 else (f"*{cell}*" if hi < 0 else cell))
+                out.append(row)
+            lines.append(table(["method"] + [f"{f:.1%} active" for f in fr], out))
             lines.append("")
-            # The decision summary: SERE vs the best baseline at 63% and 75% of the unmodified count.
-            row = [m["model"], str(b), f"{ref['experts']:.2f}"]
-            for i in (1, 2):
-                sere = tab["sere"][i][0]
-                base = [(tab[x][i][0], x) for x in METHODS if x != "sere" and tab[x][i][0] is not None]
-                best = max(base) if base else (None, None)
-                rnd = tab["random"][i][0]
-                row += [f"{targets[i]:.1f}", fmt(sere),
-                        "–" if best[0] is None else f"{best[0]:.3f} ({LABELS[best[1]].split(' (')[0]})",
-                        "–" if sere is None or rnd is None else f"{sere - rnd:+.3f}"]
-            summary_rows.append(row)
-        # The raw Pareto points for the SERE grid at the largest batch.
-        b = max(d["batch_sizes"])
-        sere_pts = pareto([r for r in m["rows"] if r["batch_size"] == b and r["method"] == "sere"])
-        lines.append(f"SERE Pareto points at B = {b}: " + ", ".join(
-            f"{p['knob']} → {p['experts']:.2f} experts, top-1 {p['top1_agreement']:.3f}, ppl {p['ppl']:.2f}"
-            for p in sere_pts))
-        lines.append("")
-        png = f"results/fidelity_{m['model']}.png"
+            for f in fr:
+                cell = {r["method"]: r for r in rows_b if r["experts_frac"] == f}
+                dep = {k: v for k, v in cell.items() if k in DEPLOYABLE}
+                if not dep:
+                    continue
+                best = min(dep.values(), key=lambda r: r["kl"])
+                cells += 1
+                if best["kl_gain_ci95"][0] > 0:
+                    wins[best["method"]] = wins.get(best["method"], 0) + 1
+                else:
+                    wins["(no clear winner)"] = wins.get("(no clear winner)", 0) + 1
+                if "sere" in cell and cell["sere"]["kl_gain_ci95"][1] < 0:
+                    sere_loses.append(f"B={b} {f:.0%} (to {cell['sere']['best_other']})")
+        if m.get("headroom"):
+            hr = m["headroom"]
+            lines.append("Headroom of re-routing (KL of random - KL of the oracle, x 1e3, 95% interval): " + "; ".join(
+                f"B={h['batch']} {h['experts_frac']:.0%}: {h['random_minus_oracle_kl'] * 1e3:.2f} "
+                f"[{h['ci95'][0] * 1e3:.2f}, {h['ci95'][1] * 1e3:.2f}]" for h in hr))
+            lines.append("")
+        png = f"results/{stem}_{m['model']}.png"
         if (HERE / png).exists():
-            lines.append(f"![fidelity {m['model']}]({png})")
-            lines.append("")
-    if summary_rows:
-        notes.append("Fidelity (top-1 agreement with the unmodified model) at equal distinct-expert count; "
-                     "*SERE − random* isolates what the similarity matrix adds over re-routing to any primary:\n\n"
-                     + table(["model", "B", "unmodified experts", "experts (63%)", "SERE", "best baseline",
-                              "SERE − random", "experts (75%)", "SERE", "best baseline", "SERE − random"],
-                             summary_rows))
+            lines += [f"![fidelity {m['model']}]({png})", ""]
+        pairs = [(next((r for r in m["rows"] if r["batch"] == b and r["experts_frac"] == f and r["method"] == "sere"), None),
+                  next((r for r in m["rows"] if r["batch"] == b and r["experts_frac"] == f and r["method"] == "random"), None))
+                 for b, f in sorted({(r["batch"], r["experts_frac"]) for r in m["rows"]})]
+        pairs = [(a, b) for a, b in pairs if a and b]
+        beats_random = sum(a["kl"] < b["kl"] for a, b in pairs)
+        summary = ", ".join(f"{LABELS.get(k, k)} {v}" for k, v in sorted(wins.items(), key=lambda kv: -kv[1]))
+        verdicts.append(f"**{m['model']}** ({m['num_experts']} experts top-{m['top_k']}): lowest KL with the interval "
+                        f"excluding zero, over {cells} (batch, active fraction) cells: {summary}. The paper's rule "
+                        + (f"loses significantly in {len(sere_loses)} of {cells} cells ({', '.join(sere_loses[:6])}"
+                           f"{', ...' if len(sere_loses) > 6 else ''})." if sere_loses else
+                           f"never loses significantly ({cells} cells).")
+                        + f" Its mean KL is below random re-routing's in {beats_random} of {len(pairs)} cells.")
+    if verdicts:
+        lines[1:1] = ["", "Which method wins where:", ""] + [f"- {v}" for v in verdicts] + [""]
+        notes.append(f"{title}, paired 95% intervals: " + " ".join(verdicts))
     return "\n".join(lines), notes
+
+
+def headline(results: dict[str, dict]) -> dict:
+    """benchmarks/results/headline.json: the figures the issues track, from the result files present."""
+    out: dict = {"generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    fid = results.get("fidelity")
+    if fid and fid.get("models") and "rows" in fid["models"][0] and "experts_frac" in (fid["models"][0]["rows"] or [{}])[0]:
+        out["fidelity"] = [{k: r[k] for k in ("model", "batch", "experts_frac", "method", "kl", "top1", "seeds",
+                                              "kl_gain_ci95")} for m in fid["models"] for r in m["rows"]]
+        out["fidelity_command"] = fid.get("command")
+        ea = results.get("fidelity_error_aware")
+        if ea and ea.get("models"):             # the error-aware rule's own run (its own evaluation set)
+            out["fidelity"] += [{**{k: r[k] for k in ("model", "batch", "experts_frac", "method", "kl", "top1",
+                                                      "seeds", "kl_gain_ci95")}, "run": "fidelity_error_aware"}
+                                for m in ea["models"] for r in m["rows"] if r["method"] == "error_aware"]
+            out["fidelity_error_aware_command"] = ea.get("command")
+    for key in ("tpot_cpu", "hook_overhead_batch1", "tpot_gpu"):
+        for d in results.values():
+            if isinstance(d, dict) and key in d.get("headline", {}):
+                out[key] = d["headline"][key]
+    return out
 
 
 def traffic_section(d: dict) -> tuple[str, list[str]]:
@@ -300,9 +351,10 @@ def generic_section(name: str, d: dict) -> tuple[str, list[str]]:
 
 
 def main() -> int:
-    found = sorted(RESULTS.glob("*.json"))
+    found = sorted(p for p in RESULTS.glob("*.json") if p.name != "headline.json")
     sections, notes, used = [], [], []
-    order = ["fidelity", "tpot", "traffic", "loadtest", "kernels"]
+    loaded: dict[str, dict] = {}
+    order = ["fidelity", "lm_eval", "tpot", "traffic", "loadtest", "kernels"]
     key = lambda p: (next((i for i, o in enumerate(order) if p.stem.startswith(o)), len(order)), p.stem)  # noqa
     for path in sorted(found, key=key):
         try:
@@ -314,7 +366,10 @@ def main() -> int:
             continue
         stem = path.stem
         try:
-            if stem.startswith("fidelity"):
+            if stem == "fidelity_error_aware":
+                sec, n = fidelity_section(d, "Fidelity of the error-aware rule (issue 15, torch reference) at "
+                                             "B = 16 and 32", stem)
+            elif stem.startswith("fidelity"):
                 sec, n = fidelity_section(d)
             elif stem.startswith("traffic"):
                 sec, n = traffic_section(d)
@@ -326,14 +381,18 @@ def main() -> int:
                 sec, n = tpot_section(d)
             elif stem == "clients":
                 sec, n = clients_section(d)
+            elif stem == "lm_eval":
+                from bench_lm_eval import headline_lines, results_section
+                sec, n = results_section(d), headline_lines(d)
             else:
                 sec, n = generic_section(stem, d)
-        except (KeyError, TypeError, ValueError, StopIteration) as exc:
+        except (KeyError, TypeError, ValueError, StopIteration, ImportError) as exc:
             print(f"{path.name}: could not render ({type(exc).__name__}: {exc}); generic table instead")
             sec, n = generic_section(stem, d)
         sections.append(sec)
         notes += n
         used.append(path.name)
+        loaded[stem] = d
     head = ["# sere-dist benchmark results", "",
             f"Generated by `python benchmarks/make_results.py` from {', '.join(f'`results/{u}`' for u in used) or 'nothing'}"
             f" on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Do not edit by hand: rerun the commands "
@@ -344,8 +403,9 @@ def main() -> int:
     head += [f"- {n}" for n in notes] or ["- (no results yet)"]
     head = [h if not h.startswith("- Fidelity (") else h[2:] + "\n" for h in head]
     head += ["", "Caveats that apply to every table below:",
-             "- The models are tiny (16 experts, top-4): at decode batches of 32 and more almost every expert is "
-             "active anyway, so expert counts saturate near 16; the paper's models have 60-128 experts.",
+             "- The models are tiny (hidden 128; 16 experts top-4, or 64 experts top-8 for `tiny-scratch64`): with "
+             "16 experts at decode batches of 32 and more almost every expert is active anyway, so expert counts "
+             "saturate near 16; the paper's models have 60-128 experts.",
              "- Fidelity numbers are teacher-forced (next-token agreement, KL, perplexity), not task accuracy.",
              "- CPU latency is not a proxy for GPU latency: on vLLM-CPU the tiny model's experts are cheap and "
              "re-routing saves little compute, so load-test TPOT here tests the plumbing, not the speed-up.",
@@ -355,6 +415,7 @@ def main() -> int:
              ""]
     text = "\n".join(head + sections)
     (HERE / "RESULTS.md").write_text(text)
+    (RESULTS / "headline.json").write_text(json.dumps(headline(loaded), indent=1))
     print(f"wrote {HERE / 'RESULTS.md'} from {len(used)} result file(s)")
     return 0
 

@@ -74,11 +74,33 @@ def _make_model(args: argparse.Namespace) -> int:
 
 
 def _train_tiny(args: argparse.Namespace) -> int:
-    from sere_dist.models.train import TRAINED_DIR, train
+    import torch
 
-    res = train(Path(args.out) if args.out else TRAINED_DIR, steps=args.steps)
+    from sere_dist.models.tiny import TinySpec
+    from sere_dist.models.train import TRAINED_DIR, TRAINED_SPEC, Recipe, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    family = "qwen2_moe" if args.shared_expert else args.family
+    if args.shared_expert and args.family not in ("qwen3_moe", "qwen2_moe"):
+        raise ValueError(f"--shared-expert uses the qwen2_moe family; it cannot be combined with --family {args.family}")
+    spec = TinySpec(family=family, hidden_size=args.hidden, num_layers=args.layers, num_heads=TRAINED_SPEC.num_heads,
+                    num_experts=args.experts, top_k=args.top_k, expert_intermediate=args.intermediate,
+                    max_positions=TRAINED_SPEC.max_positions, seed=args.seed)
+    if not 1 <= spec.top_k <= spec.num_experts:
+        raise ValueError(f"--top-k must be in 1..--experts ({spec.num_experts}), got {spec.top_k}")
+    if spec.hidden_size % 32:
+        raise ValueError(f"--hidden must be a multiple of 32 (vLLM's CPU MoE kernel), got {spec.hidden_size}")
+    recipe = Recipe(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=args.seed,
+                    aux_coef=args.aux_coef, router_init_scale=args.router_init_scale, upcycle=args.upcycle,
+                    dense_steps=args.dense_steps, upcycle_noise=args.upcycle_noise, split_copies=args.split_copies)
+    res = train(Path(args.out) if args.out else TRAINED_DIR, spec, recipe,
+                dense_out=Path(args.dense_out) if args.dense_out else None)
+    if "dense_heldout_ppl" in res:
+        print(f"dense model: held-out perplexity {res['dense_heldout_ppl']:.2f} after {recipe.dense_steps} steps; "
+              f"upcycled before MoE training {res['upcycled_init_heldout_ppl']:.2f}")
     print(f"held-out perplexity {res['heldout_ppl']:.2f} on {res['heldout_tokens']} tokens "
-          f"after {res['steps']} steps ({res['wall_s']} s)")
+          f"after {recipe.steps} steps ({res['wall_s']} s)")
     return 0
 
 
@@ -91,6 +113,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     import os
 
     from sere_dist.calibration.pipeline import CalibrationJob, is_uri, prepare, run
+    from sere_dist.calibration.diagnostics import diagnostics_table
     from sere_dist.calibration.report import stats_table, summary_line
 
     # in this process a relative --out means the current directory; a Ray job runs elsewhere (refused there)
@@ -125,6 +148,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
         res = run(prep, use_ray=False, progress=lambda it: tqdm(it, desc="calibrate", unit="batch"))
     print(stats_table(res.artifact.matrices), end="")
+    print("\n" + diagnostics_table(res.diagnostics), end="")
     print(summary_line(res), flush=True)
     return 0
 
@@ -213,9 +237,32 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(fn=_make_model)
 
-    t = sub.add_parser("train-tiny", help="train the small MoE language model on stdlib text")
-    t.add_argument("--out")
-    t.add_argument("--steps", type=int, default=600)
+    t = sub.add_parser("train-tiny", help="train a small MoE language model on stdlib text (from scratch, or "
+                                          "upcycled from a dense model trained first)")
+    t.add_argument("--out", help="output directory (default: the shipped sere_dist/data/tiny-trained)")
+    t.add_argument("--family", choices=["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"], default="qwen3_moe")
+    t.add_argument("--experts", type=int, default=16, help="routed experts per MoE layer")
+    t.add_argument("--top-k", type=int, default=4, help="experts per token")
+    t.add_argument("--intermediate", type=int, default=128, help="expert FFN width")
+    t.add_argument("--hidden", type=int, default=128)
+    t.add_argument("--layers", type=int, default=4)
+    t.add_argument("--shared-expert", action="store_true", help="add a shared expert (qwen2_moe family)")
+    t.add_argument("--aux-coef", type=float, default=0.01, help="router load-balancing loss weight")
+    t.add_argument("--router-init-scale", type=float, default=0.1,
+                   help="router weights start at this times the default init (small: near-uniform routing)")
+    t.add_argument("--steps", type=int, default=600, help="MoE training steps")
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--seq-len", type=int, default=128)
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--upcycle", choices=["copy", "split"], help="train a dense model first and turn its FFN into "
+                                                                "the experts (copy: each expert = the FFN; split: slices)")
+    t.add_argument("--dense-steps", type=int, default=600, help="dense training steps before upcycling")
+    t.add_argument("--dense-out", help="also save the dense parent model here")
+    t.add_argument("--upcycle-noise", type=float, default=0.01, help="relative noise added to each expert copy")
+    t.add_argument("--split-copies", type=int, default=1, help="split: experts sharing each FFN slice")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); results are "
+                                                          "deterministic for a given thread count")
     t.set_defaults(fn=_train_tiny)
 
     c = sub.add_parser("calibrate", help="similarity artifact of a checkpoint (in this process, or --ray: a Ray "

@@ -4,9 +4,15 @@ import math
 
 import torch
 
-from sere_dist.eval.baselines import (naee_skip, naive_top_s, oea_piggyback, oea_transform, prune_least_used,
-                                 random_reroute, static_prune, usage_counts, xshare_budget, xshare_select)
-from sere_dist.eval.fidelity import RoutingPatch, active_experts, evaluate, identity_transform
+import pytest
+
+from sere_dist.calibration.capture import expert_outputs, moe_blocks
+from sere_dist.eval.baselines import (drop_secondaries, drop_transform, naee_skip, naive_top_s, oea_piggyback,
+                                      oea_transform, oracle_reroute, oracle_transform, prune_least_used,
+                                      random_reroute, router_logit_reroute, router_logit_transform, static_prune,
+                                      usage_counts, xshare_budget, xshare_select)
+from sere_dist.eval.fidelity import (RoutingPatch, active_experts, evaluate, identity_transform, paired_bootstrap,
+                                     reference, score)
 from sere_dist.models.tiny import TinySpec, build_model
 
 
@@ -134,3 +140,142 @@ def test_oea_with_s_equal_k_reproduces_the_unmodified_model_exactly():
     x = torch.randint(0, 100, (4, 6))
     r = evaluate(model, x, oea_transform(8, 2, normalize=True), batch_size=4)
     assert r["top1_agreement"] == 1.0 and math.isclose(r["kl"], 0.0, abs_tol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules at SERE's active set (primaries = union of the valid tokens' top-S)
+
+IDS = torch.tensor([[[0, 5, 6], [1, 0, 7]]])          # S = 1 -> primaries {0, 1}
+W = torch.tensor([[[0.5, 0.3, 0.2], [0.6, 0.3, 0.1]]])
+
+
+def test_drop_secondaries_zeroes_only_non_primary_secondaries():
+    w = drop_secondaries(IDS, W, 1, 8)
+    assert torch.allclose(w, torch.tensor([[[0.5, 0.0, 0.0], [0.6, 0.3, 0.0]]]))   # slot on primary 0 stays
+    wr = drop_secondaries(IDS, W, 1, 8, renormalize=True)
+    assert torch.allclose(wr, torch.tensor([[[1.0, 0.0, 0.0], [2 / 3, 1 / 3, 0.0]]]))
+    act = active_experts(IDS, w, torch.ones(1, 2, dtype=torch.bool), 8)
+    assert torch.nonzero(act[0]).flatten().tolist() == [0, 1]                        # exactly the primaries
+
+
+def test_drop_secondaries_leaves_padding_alone_and_padding_adds_no_primary():
+    valid = torch.tensor([[True, False]])                  # primaries {0}; token 1 is padding
+    w = drop_secondaries(IDS, W, 1, 8, valid)
+    assert torch.allclose(w, torch.tensor([[[0.5, 0.0, 0.0], [0.6, 0.3, 0.1]]]))
+
+
+def test_router_logit_moves_to_the_best_primary_the_token_does_not_hold_in_logit_order():
+    ids = torch.tensor([[[0, 5, 6], [1, 4, 7], [2, 3, 1]]])                         # primaries {0, 1, 2}
+    logits = torch.full((1, 3, 8), -5.0)
+    logits[0, 0, [0, 1, 2]] = torch.tensor([3.0, 1.0, 2.0])    # token 0 holds 0: best free are 2 then 1
+    logits[0, 1, [0, 1, 2]] = torch.tensor([0.0, 4.0, 1.0])    # token 1 holds 1: best free 2, then 0
+    logits[0, 2, [0, 1, 2]] = torch.tensor([9.0, 0.0, 5.0])    # token 2 holds 2 and 1; slot 3 -> 0
+    new = router_logit_reroute(ids, logits, 1, 8)
+    assert new.tolist() == [[[0, 2, 1], [1, 2, 0], [2, 0, 1]]]
+
+
+def test_router_logit_falls_back_to_the_best_primary_when_the_token_holds_them_all():
+    ids = torch.tensor([[[0, 1, 6], [1, 0, 7]]])                                    # primaries {0, 1}
+    logits = torch.zeros(1, 2, 8)
+    logits[0, 0, 1] = 2.0
+    logits[0, 1, 0] = 3.0
+    new = router_logit_reroute(ids, logits, 1, 8)
+    assert new.tolist() == [[[0, 1, 1], [1, 0, 0]]]
+
+
+def test_oracle_picks_the_primary_with_the_closest_true_output():
+    # 4 experts in 2-D; token outputs: expert 3 is close to expert 1, far from expert 0.
+    out = torch.tensor([[1.0, 0.0], [0.0, 1.0], [5.0, 5.0], [0.1, 0.9]])
+    outputs = out.expand(1, 2, 4, 2).clone()                                       # [G=1, T=2, E, H]
+    ids = torch.tensor([[[0, 3], [1, 2]]])                                          # primaries {0, 1}
+    new = oracle_reroute(ids, outputs, 1)
+    assert new.tolist() == [[[0, 1], [1, 0]]]      # 3 -> 1 (closest); 2 -> 0 (|(4,5)|^2 < |(5,4)|^2? tie-free)
+    d0, d1 = ((out[2] - out[0]) ** 2).sum(), ((out[2] - out[1]) ** 2).sum()
+    assert d0 == d1 or (new[0, 1, 1] == 0) == bool(d0 < d1)
+
+
+def test_every_rule_at_s_equal_k_leaves_routing_unchanged():
+    logits = torch.randn(1, 2, 8)
+    outputs = torch.randn(1, 2, 8, 4)
+    assert torch.equal(drop_secondaries(IDS, W, 3, 8), W)
+    assert torch.equal(router_logit_reroute(IDS, logits, 3, 8), IDS)
+    assert torch.equal(oracle_reroute(IDS, outputs, 3), IDS)
+
+
+def test_routing_patch_passes_every_experts_true_output_to_the_oracle():
+    torch.manual_seed(0)
+    model, _ = build_model(TinySpec(num_layers=1, num_experts=8, top_k=2), "random")
+    blk = moe_blocks(model)[0]
+    seen = {}
+
+    def wants(layer, ids, w, valid, outputs):
+        seen["outputs"] = outputs
+        return ids, w, active_experts(ids, w, valid, 8)
+    wants.wants_outputs = True
+    inputs = {}
+
+    def keep_input(mod, args, kwargs):
+        inputs["x"] = args[0] if args else kwargs["hidden_states"]
+    h = blk.register_forward_pre_hook(keep_input, with_kwargs=True)
+    x = torch.randint(0, 100, (3, 5))
+    with torch.no_grad(), RoutingPatch(model, wants):
+        model(x)
+    h.remove()
+    got = seen["outputs"]                                                            # [L=5, B=3, E, H]
+    want = expert_outputs(blk.experts, inputs["x"].reshape(-1, inputs["x"].shape[-1]))  # [E, 15, H]
+    assert got.shape == (5, 3, 8, want.shape[-1])
+    assert torch.allclose(got[2, 1], want[:, 1 * 5 + 2])                              # batch 1, position 2
+
+
+def test_rules_at_s_equal_k_reproduce_the_model_and_s_1_changes_it():
+    torch.manual_seed(0)
+    model, _ = build_model(TinySpec(num_layers=2, num_experts=8, top_k=2), "random")
+    x = torch.randint(0, 100, (8, 6))
+    for make in (lambda s: drop_transform(8, s, False), lambda s: router_logit_transform(8, s),
+                 lambda s: oracle_transform(8, s)):
+        same = evaluate(model, x, make(2), batch_size=4)
+        assert same["top1_agreement"] == 1.0 and math.isclose(same["kl"], 0.0, abs_tol=1e-6)
+        cut = evaluate(model, x, make(1), batch_size=4)
+        assert cut["kl"] > 1e-6 and cut["experts"] < same["experts"]
+
+
+def test_score_returns_per_sequence_values_in_original_order_whatever_the_batching():
+    torch.manual_seed(0)
+    model, _ = build_model(TinySpec(num_layers=1, num_experts=8, top_k=2), "random")
+    x = torch.randint(0, 100, (6, 7))
+    ref = reference(model, x, batch_size=3)
+    t = drop_transform(8, 1, False)
+    a = score(model, x, t, ref, batch_size=1)                          # one sequence per batch: order-free
+    b = score(model, x, t, ref, batch_size=1, order=torch.tensor([5, 4, 3, 2, 1, 0]))
+    assert torch.allclose(a["kl"], b["kl"]) and torch.equal(a["agree"], b["agree"])
+    c = score(model, x, t, ref, batch_size=3, order=torch.tensor([0, 2, 4, 1, 3, 5]))
+    assert not torch.allclose(a["kl"], c["kl"])                         # shared batches change the primaries
+    assert torch.equal(a["tokens"], torch.full((6,), 6.0, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------
+# Paired bootstrap
+
+def test_paired_bootstrap_of_a_constant_difference_is_that_difference():
+    est, lo, hi = paired_bootstrap(torch.full((50,), 2.0), torch.full((50,), 4.0), n_boot=200)
+    assert est == lo == hi == 0.5
+
+
+def test_paired_bootstrap_interval_covers_a_known_mean_and_excludes_zero_when_clearly_positive():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.full((400,), 10.0)
+    noise = torch.randn(400, generator=gen, dtype=torch.float64)
+    est, lo, hi = paired_bootstrap(noise * 10, w, n_boot=1000)              # per-token mean ~ 0, sd 1/sqrt(400)
+    assert lo < 0 < hi and hi - lo < 0.4
+    est, lo, hi = paired_bootstrap((noise + 3.0) * 10, w, n_boot=1000)
+    assert 2.7 < lo < est < hi < 3.3
+    # resampling units, not tokens: a unit with many tokens weighs more
+    est, _, _ = paired_bootstrap(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 3.0]), n_boot=10)
+    assert est == 0.25
+
+
+def test_paired_bootstrap_refuses_mismatched_or_too_small_input():
+    with pytest.raises(ValueError, match="matching"):
+        paired_bootstrap(torch.ones(3), torch.ones(4))
+    with pytest.raises(ValueError, match="level"):
+        paired_bootstrap(torch.ones(3), torch.ones(3), level=1.5)

@@ -18,7 +18,8 @@ from sere_dist.core.artifact import ArtifactError, SimilarityArtifact
 from sere_dist.calibration.pipeline import ActorStartError, CalibrationJob, cka_positions, prepare, run
 from sere_dist.calibration.report import HEATMAP_PNG, STATS_CSV, STATS_MD, stats_rows
 from sere_dist.calibration.capture import load_model
-from sere_dist.calibration.pipeline import calibrate
+from sere_dist.calibration.pipeline import calibrate, calibrate_in_process
+from sere_dist.calibration.diagnostics import DIAGNOSTICS_JSON, diagnostics, load_routed_stats
 from sere_dist.calibration.corpus import split_corpus, stdlib_documents, write_jsonl
 from sere_dist.models.tiny import TinySpec, planted_clusters, write_checkpoint
 
@@ -107,6 +108,32 @@ def test_ray_job_matrices_equal_the_single_process_calibration(cluster_runs, mod
         torch.testing.assert_close(loaded.matrices[layer], m, atol=1e-5, rtol=0)
 
 
+def test_ray_job_routed_statistics_and_diagnostics_equal_the_single_process_ones(cluster_runs, models):
+    from sere_dist.calibration.capture import tokenize_texts
+    res = cluster_runs["planted"]
+    model, tok = load_model(models["planted"])
+    toks = tokenize_texts(tok, split_corpus(stdlib_documents())[0], 64, 16)
+    # the job's shards in one process; one thread like the actors (Ray sets OMP_NUM_THREADS=1 for fractional
+    # CPUs), since the thread count changes the float32 rounding of the forward pass, not the statistics' sums
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = calibrate_in_process(model, toks, batch_size=4)
+    finally:
+        torch.set_num_threads(threads)
+    routed = load_routed_stats(res.out)
+    assert sorted(routed) == [0, 1]
+    for layer, acc in ref.routed.items():
+        for k, v in acc.tensors().items():
+            torch.testing.assert_close(routed[layer].tensors()[k], v, rtol=1e-9, atol=1e-9)
+    doc = json.loads((res.out / DIAGNOSTICS_JSON).read_text())
+    want = diagnostics(ref.grams, ref.matrices, ref.routed, metric="frobenius")
+    assert doc["verdict"] == want["verdict"] == res.diagnostics["verdict"] and doc["label"] == "helps"
+    for got, exp in zip(doc["layers"], want["layers"]):
+        assert got["best_match"] == exp["best_match"]
+        assert got["r_best_median"] == pytest.approx(exp["r_best_median"], rel=1e-6)
+
+
 def test_ray_job_actors_run_on_both_simulated_worker_nodes(cluster_runs):
     assert set(cluster_runs["planted"].report["nodes"]) == cluster_runs["worker_nodes"]
 
@@ -126,7 +153,9 @@ def test_ray_job_writes_stats_table_heatmap_and_report_inside_the_artifact(clust
     assert csv[0] == "layer,mean,std,min,max" and len(csv) == 3
     row = dict(zip(csv[0].split(","), map(float, csv[1].split(","))))
     assert row["mean"] == pytest.approx(stats_rows(res.artifact.matrices)[0]["mean"], abs=1e-6)
-    assert (res.out / STATS_MD).read_text().startswith("| layer | mean | std | min | max |")
+    md = (res.out / STATS_MD).read_text()
+    assert md.startswith("| layer | mean | std | min | max |") and "## Redundancy diagnostics" in md
+    assert f"verdict: {res.diagnostics['verdict']}" in md
     assert (res.out / HEATMAP_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((res.out / "calibration.json").read_text())
     assert report["tokens"] == 1024 and report["layers"] == 2 and report["wall_s"] > 0

@@ -2,7 +2,8 @@
 
 All supported families (Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE, DeepSeek-V2/V3) share one layout in
 transformers >= 5: a sparse block with `.gate` (router returning (logits, weights, ids)) and
-`.experts` holding 3-D weights gate_up_proj [E, 2I, H] and down_proj [E, H, I]. Shared experts are
+`.experts` holding 3-D weights gate_up_proj [E, 2I, H] and down_proj [E, H, I]; the gate is called on the
+block's input (2-D [N, H] works for every family) and carries its weights in `.weight`. Shared experts are
 separate modules (`shared_expert`, `shared_experts`) and are never part of the matrices.
 This is the one place that knows those internals.
 """
@@ -57,6 +58,15 @@ def expert_outputs(experts: torch.nn.Module, x: torch.Tensor, chunk: int = 1024)
         gate, up = h.chunk(2, dim=-1)
         outs.append(torch.einsum("eni,ehi->enh", act(gate) * up, down).float())
     return torch.cat(outs, dim=1)
+
+
+@torch.no_grad()
+def routing(block: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block's own router on its inputs: x [N, H] -> (ids [N, k] int64, weights [N, k] float32),
+    exactly the top-k and weights the block's forward would use (the gate returns (logits, weights, ids))."""
+    gate = block.gate
+    _, weights, ids = gate(x.to(gate.weight.dtype))
+    return ids.long(), weights.float()
 
 
 @contextlib.contextmanager

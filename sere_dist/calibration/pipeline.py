@@ -7,11 +7,13 @@ The pipeline (one pass over the calibration tokens, nothing keeps all of them):
                                             (MoE layer, shard): the block's input [b*L, H] and the
                                             global token positions of that shard
       -> ExpertGramStage                    runs that layer's experts on the shard in token chunks
-                                            and emits the partial Gram  G_s = Y_s Y_s^T  [E, E] float64
-                                            (Frobenius, cosine) or the shard's tokens that belong to
-                                            the layer's CKA sample
-      -> reduce (driver)                    sums partial Grams per layer (exact: G = sum_s G_s), or
-                                            gathers the CKA sample, and computes the matrices
+                                            and emits the partial Gram  G_s = Y_s Y_s^T  [E, E] float64,
+                                            the partial routed-token statistics C_s, N_s [E, E] float64
+                                            (routing from the layer's own gate on the same inputs) and,
+                                            for CKA, the shard's tokens that belong to the layer's sample
+      -> reduce (driver)                    sums partial Grams and routed statistics per layer (exact:
+                                            G = sum_s G_s), gathers the CKA sample, and computes the
+                                            matrices and the redundancy diagnostics
 
 With Ray (`run(prep)`, the `ray job submit` entry and `sere calibrate --ray`) both stages are Ray Data
 actor pools spread over the cluster's nodes (SPREAD), so a bigger cluster calibrates more layers and
@@ -26,7 +28,8 @@ kept.
 
 `prepare` does every check (output path, metric, checkpoint is MoE, text column, enough qualifying
 texts) and the tokenisation before any heavy work; `run` writes the artifact, `stats.csv`/`stats.md`,
-`heatmaps.png` and `calibration.json` atomically at the very end, so a run that fails half way leaves
+`heatmaps.png`, `calibration.json`, `diagnostics.json` and `routed_stats.safetensors` (the routed-token
+statistics, `calibration.diagnostics`) atomically at the very end, so a run that fails half way leaves
 nothing behind.
 """
 
@@ -50,8 +53,9 @@ from pydantic import Field, StrictBool, StrictInt, StrictStr, field_validator
 from sere_dist.core.artifact import ArtifactError, SimilarityArtifact
 from sere_dist.core.config import METRICS, ConfigError, StrictModel
 from sere_dist.core.model import ModelFingerprint, model_fingerprint
+from sere_dist.calibration.diagnostics import ROUTED_STATS, diagnostics, routed_stats_bytes
 from sere_dist.calibration.report import report_files
-from sere_dist.core.similarity import GramAccumulator, linear_cka, rbf_cka
+from sere_dist.core.similarity import GramAccumulator, RoutedAccumulator, linear_cka, rbf_cka
 
 log = logging.getLogger("sere_dist")
 
@@ -177,6 +181,18 @@ class Result:
     artifact: SimilarityArtifact
     out: Path | str                      # a local directory, or the filesystem URI it was written to
     report: dict[str, Any] = field(default_factory=dict)
+    diagnostics: dict[str, Any] = field(default_factory=dict)   # calibration.diagnostics.diagnostics
+
+
+@dataclass
+class Reduced:
+    """The pipeline's reduction: per MoE layer the similarity matrix, the Gram over all tokens and the
+    routed-token statistics; and facts about the run (nodes, worker memory)."""
+
+    matrices: dict[int, torch.Tensor]
+    grams: dict[int, torch.Tensor]
+    routed: dict[int, RoutedAccumulator]
+    facts: dict[str, Any]
 
 
 # ---------------------------------------------------------------- inputs and checks (no Ray)
@@ -333,41 +349,58 @@ class CaptureStage:
                 "hidden": np.stack([hidden[i].float().numpy() for i in layers])}
 
 
+# a shard's routed statistics travel as two fixed-shape float64 arrays: [4, E, E] and [2, E]
+_ROUTED_MATS = ("c.count", "n.count", "c.router", "n.router")
+_ROUTED_SUMS = ("count", "weight")
+
+
+def _routed_from_row(mats: np.ndarray, sums: np.ndarray, tokens: int) -> RoutedAccumulator:
+    t = {k: torch.as_tensor(np.asarray(mats[j], dtype=np.float64)) for j, k in enumerate(_ROUTED_MATS)}
+    t.update({k: torch.as_tensor(np.asarray(sums[j], dtype=np.float64)) for j, k in enumerate(_ROUTED_SUMS)})
+    return RoutedAccumulator.from_tensors({**t, "tokens": torch.tensor([tokens], dtype=torch.int64)})
+
+
 class ExpertGramStage:
-    """That layer's experts on a shard -> partial Gram [E, E] float64 (or CKA sample rows)."""
+    """That layer's experts on a shard -> partial Gram [E, E] float64, partial routed-token statistics
+    (`RoutedAccumulator.tensors`, routing by the layer's gate) and, for CKA, the sample rows."""
 
     def __init__(self, model: str | torch.nn.Module, dtype: str, metric: str, token_chunk: int,
                  cka_sample: dict[int, np.ndarray] | None):
         from sere_dist.calibration.capture import moe_blocks
-        # only the routed experts are kept (shared experts never count)
-        self.experts = {i: b.experts for i, b in moe_blocks(_loaded(model, dtype)).items()}
+        # only the routed experts count (shared experts never do); the gate gives the routing
+        self.blocks = moe_blocks(_loaded(model, dtype))
         self.metric, self.chunk, self.cka_sample = metric, token_chunk, cka_sample or {}
         self.node = _node_id()
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from sere_dist.calibration.capture import expert_outputs
-        out: dict[str, list] = {"layer": [], "tokens": [], "gram": [], "sample": [], "sample_pos": [],
+        from sere_dist.calibration.capture import expert_outputs, routing
+        out: dict[str, list] = {"layer": [], "tokens": [], "gram": [], "routed_mats": [], "routed_sums": [], "sample": [], "sample_pos": [],
                                 "node": [], "peak_rss_mb": []}
         for layer, pos, x, cnode in zip(batch["layer"], batch["positions"], batch["hidden"], batch["capture_node"]):
             layer = int(layer)
-            experts = self.experts[layer]
+            block = self.blocks[layer]
             x = torch.tensor(np.asarray(x))          # a writable copy of the shard
-            e = experts.gate_up_proj.shape[0]
-            gram = torch.zeros(e, e, dtype=torch.float64)
+            e = block.experts.gate_up_proj.shape[0]
+            gram = GramAccumulator(e)
+            routed = RoutedAccumulator(e)
             keep = np.isin(pos, self.cka_sample[layer]) if self.metric not in GRAM_METRICS else None
             parts = []
             for s in range(0, x.shape[0], self.chunk):
-                y = expert_outputs(experts, x[s:s + self.chunk], chunk=self.chunk)   # [E, n, H]
-                if keep is None:
-                    flat = y.reshape(e, -1).double()
-                    gram += flat @ flat.t()
-                else:
+                xs = x[s:s + self.chunk]
+                y = expert_outputs(block.experts, xs, chunk=self.chunk)   # [E, n, H]
+                yd = y.double()                                             # once for both statistics
+                gram.update(yd)
+                routed.update(yd, *routing(block, xs))
+                if keep is not None:
                     parts.append(y[:, torch.as_tensor(keep[s:s + self.chunk])])
             sample = torch.cat(parts, dim=1) if parts else torch.zeros(e, 0, x.shape[1])
             out["layer"].append(layer)
             out["tokens"].append(int(x.shape[0]))
-            out["gram"].append(gram.numpy())
+            out["gram"].append(gram.gram.numpy())
+            t = routed.tensors()
+            out["routed_mats"].append(np.stack([t[k].numpy() for k in _ROUTED_MATS]))
+            out["routed_sums"].append(np.stack([t[k].numpy() for k in _ROUTED_SUMS]))
             # CKA rows carry their sample tokens as bytes (ragged across shards)
             out["sample"].append(sample.float().numpy().tobytes())
             out["sample_pos"].append(pos[keep].tobytes() if keep is not None else b"")
@@ -446,11 +479,13 @@ def _local_batches(model: str | torch.nn.Module, tokens: torch.Tensor, *, dtype:
 
 
 def _reduce(batches: Iterable[dict[str, np.ndarray]], fp: ModelFingerprint, num_tokens: int, metric: str,
-            cka: dict[int, np.ndarray] | None) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
-    """Sum the partial results per layer and compute the matrices; (matrices, run facts)."""
+            cka: dict[int, np.ndarray] | None) -> Reduced:
+    """Sum the partial results per layer (Gram and routed statistics: exact sums, in any order) and
+    compute the matrices."""
     layers = list(fp.moe_layers)
     e, h = fp.num_experts, fp.hidden_size
     grams = {i: GramAccumulator(e) for i in layers}
+    routed = {i: RoutedAccumulator(e) for i in layers}
     samples: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {i: [] for i in layers}
     seen = {i: 0 for i in layers}
     nodes: set[str] = set()
@@ -461,10 +496,10 @@ def _reduce(batches: Iterable[dict[str, np.ndarray]], fp: ModelFingerprint, num_
             seen[i] += int(batch["tokens"][k])
             nodes.update(str(batch["node"][k]).split(","))
             peak = max(peak, float(batch["peak_rss_mb"][k]))
-            if cka is None:
-                grams[i].gram += torch.as_tensor(np.asarray(batch["gram"][k], dtype=np.float64))
-                grams[i].tokens += int(batch["tokens"][k])
-            else:
+            grams[i].gram += torch.as_tensor(np.asarray(batch["gram"][k], dtype=np.float64))
+            grams[i].tokens += int(batch["tokens"][k])
+            routed[i].merge(_routed_from_row(batch["routed_mats"][k], batch["routed_sums"][k], int(batch["tokens"][k])))
+            if cka is not None:
                 pos = np.frombuffer(batch["sample_pos"][k], dtype=np.int64)
                 if pos.size:
                     y = np.frombuffer(batch["sample"][k], dtype=np.float32).reshape(e, pos.size, h)
@@ -480,7 +515,8 @@ def _reduce(batches: Iterable[dict[str, np.ndarray]], fp: ModelFingerprint, num_
             pos = np.concatenate([p for p, _ in samples[i]])
             y = torch.from_numpy(np.concatenate([s for _, s in samples[i]], axis=1)[:, np.argsort(pos)].copy())
             mats[i] = linear_cka(y) if metric == "cka_linear" else rbf_cka(y)
-    return mats, {"nodes": sorted(nodes), "worker_peak_rss_mb": round(peak, 1)}
+    return Reduced(matrices=mats, grams={i: g.gram for i, g in grams.items()}, routed=routed,
+                   facts={"nodes": sorted(nodes), "worker_peak_rss_mb": round(peak, 1)})
 
 
 def _cka_sample(fp: ModelFingerprint, metric: str, num_tokens: int, cka_tokens: int,
@@ -509,17 +545,38 @@ def run(prep: Prepared, *, use_ray: bool = True,
         batches = _local_batches(job.model, prep.tokens, dtype=job.dtype, metric=job.metric,
                                  batch_size=job.batch_size, token_chunk=job.token_chunk, cka=cka, progress=progress)
         workers = 1
-    mats, facts = _reduce(batches, fp, n_tok, job.metric, cka)
+    red = _reduce(batches, fp, n_tok, job.metric, cka)
+    diag = diagnostics(red.grams, red.matrices, red.routed, metric=job.metric)
     wall = time.time() - t0
     report = {"wall_s": round(wall, 3), "tokens": n_tok, "layers": len(fp.moe_layers), "experts": fp.num_experts,
               "tokens_per_s": round(n_tok / wall, 1), "backend": "ray" if use_ray else "local",
-              "num_workers": workers, **facts, "source": prep.source,
-              "job": job.model_dump(exclude={"out", "overwrite"})}
-    art = SimilarityArtifact(matrices=mats, fingerprint=fp, metric=job.metric, tokens=n_tok,
+              "num_workers": workers, **red.facts, "source": prep.source,
+              "job": job.model_dump(exclude={"out", "overwrite"}), "verdict": diag["verdict"]}
+    art = SimilarityArtifact(matrices=red.matrices, fingerprint=fp, metric=job.metric, tokens=n_tok,
                              data_digest=prep.data_digest,
                              extra={"calibration": {k: report[k] for k in ("source", "job")}})
-    out = _write(art, job.out, job.overwrite, report_files(art, report))
-    return Result(artifact=art, out=out, report=report)
+    files = {**report_files(art, report, diag), ROUTED_STATS: routed_stats_bytes(red.routed)}
+    out = _write(art, job.out, job.overwrite, files)
+    return Result(artifact=art, out=out, report=report, diagnostics=diag)
+
+
+@torch.no_grad()
+def calibrate_in_process(model: torch.nn.Module, tokens: torch.Tensor, metric: str = "frobenius",
+                         batch_size: int = 8, cka_tokens: int = 512, seed: int = 0, token_chunk: int = 1024,
+                         progress: Callable[[Iterable], Iterable] | None = None) -> Reduced:
+    """The pipeline's stages and reduction in this process for a model already in memory:
+    [N, L] token ids -> per-layer matrices, Grams and routed statistics."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown similarity metric {metric!r}; use one of {', '.join(METRICS)}")
+    if tokens.dim() != 2 or tokens.numel() == 0:
+        raise ValueError(f"calibration tokens must be a non-empty [N, L] tensor of ids, got shape {list(tokens.shape)}")
+    fp = model_fingerprint(model.config)
+    n_tok = int(tokens.numel())
+    cka = _cka_sample(fp, metric, n_tok, cka_tokens, seed)
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    batches = _local_batches(model, tokens, dtype=dtype, metric=metric, batch_size=batch_size,
+                             token_chunk=token_chunk, cka=cka, progress=progress)
+    return _reduce(batches, fp, n_tok, metric, cka)
 
 
 @torch.no_grad()
@@ -527,17 +584,10 @@ def calibrate(model: torch.nn.Module, tokens: torch.Tensor, metric: str = "frobe
               cka_tokens: int = 512, seed: int = 0, data_digest: str = "", token_chunk: int = 1024,
               progress: Callable[[Iterable], Iterable] | None = None) -> SimilarityArtifact:
     """The pipeline in this process for a model already in memory: [N, L] token ids -> artifact
-    (not written; `.save(out)` writes it)."""
+    (not written; `.save(out)` writes it). `calibration.diagnostics.diagnose` gives the diagnostics."""
     from sere_dist.calibration.corpus import digest
 
-    if metric not in METRICS:
-        raise ValueError(f"unknown similarity metric {metric!r}; use one of {', '.join(METRICS)}")
-    fp = model_fingerprint(model.config)
-    n_tok = int(tokens.numel())
-    cka = _cka_sample(fp, metric, n_tok, cka_tokens, seed)
-    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    batches = _local_batches(model, tokens, dtype=dtype, metric=metric, batch_size=batch_size,
-                             token_chunk=token_chunk, cka=cka, progress=progress)
-    mats, _ = _reduce(batches, fp, n_tok, metric, cka)
-    return SimilarityArtifact(matrices=mats, fingerprint=fp, metric=metric, tokens=n_tok,
-                              data_digest=data_digest or digest(tokens.tolist()))
+    red = calibrate_in_process(model, tokens, metric=metric, batch_size=batch_size, cka_tokens=cka_tokens,
+                               seed=seed, token_chunk=token_chunk, progress=progress)
+    return SimilarityArtifact(matrices=red.matrices, fingerprint=model_fingerprint(model.config), metric=metric,
+                              tokens=int(tokens.numel()), data_digest=data_digest or digest(tokens.tolist()))

@@ -1,5 +1,6 @@
-"""The calibration report: per-layer statistics (CSV, Markdown), heatmaps and the run report written
-next to the matrices; also the line plot the calibration benchmark draws. Figures use matplotlib's Agg
+"""The calibration report: per-layer statistics (CSV, Markdown, with the redundancy diagnostics and their
+verdict), heatmaps, the run report and diagnostics.json written next to the matrices; also the line plot
+the calibration benchmark draws. Figures use matplotlib's Agg
 backend and come back as PNG bytes."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any, Mapping
 
 import torch
 
+from sere_dist.calibration.diagnostics import DIAGNOSTICS_JSON, diagnostics_json, diagnostics_markdown
 from sere_dist.core.similarity import offdiag_stats
 
 STATS_CSV = "stats.csv"
@@ -90,14 +92,16 @@ def stats_table(matrices: dict[int, torch.Tensor], fmt: str = "md") -> str:
     return "\n".join(lines) + "\n"
 
 
-def report_files(art, report: dict[str, Any]) -> dict[str, bytes]:
-    """The files written next to the matrices: stats table (CSV, Markdown), heatmap grid, run report."""
+def report_files(art, report: dict[str, Any], diagnostics: Mapping[str, Any]) -> dict[str, bytes]:
+    """The files written next to the matrices: stats table (CSV; Markdown followed by the diagnostics
+    table and verdict), heatmap grid, run report, diagnostics (`calibration.diagnostics.diagnostics`)."""
     title = (f"{art.fingerprint['architecture']}: {art.metric} similarity, {art.tokens} tokens "
              "(off-diagonal stats in stats.md)")
     return {STATS_CSV: stats_table(art.matrices, "csv").encode(),
-            STATS_MD: stats_table(art.matrices, "md").encode(),
+            STATS_MD: (stats_table(art.matrices, "md") + diagnostics_markdown(diagnostics)).encode(),
             HEATMAP_PNG: similarity_heatmaps(art.matrices, title=title),
-            REPORT_JSON: (json.dumps(report, indent=2) + "\n").encode()}
+            REPORT_JSON: (json.dumps(report, indent=2) + "\n").encode(),
+            DIAGNOSTICS_JSON: diagnostics_json(diagnostics)}
 
 
 def summary_line(res) -> str:

@@ -8,6 +8,17 @@ depend on N. CKA needs token-by-token kernels, so `SampleAccumulator` keeps a bo
 reservoir of tokens (every expert's output on the same tokens) and computes CKA on it.
 
 Every matrix returned is float32 [E, E], symmetric, diagonal 1, values in [0, 1], NaN-free.
+
+Routed-token statistics (`RoutedAccumulator`): what substituting expert p for expert e costs on the
+tokens the router actually sends to e. With q_te the weight of token t on e (1, or the router's weight)
+for every t that has e among its top-k,
+    C[e, p] = sum_t q_te <f_e(x_t), f_p(x_t)>        N[e, p] = sum_t q_te |f_p(x_t)|^2      [E, E] float64
+so C[e, e] = N[e, e] is e's routed output energy, and per routed row e
+    relative substitution error   R[e, p] = (C[e, e] - 2 C[e, p] + N[e, p]) / C[e, e]
+                                          = sum_t q |f_e - f_p|^2 / sum_t q |f_e|^2     (dropping: 1)
+    least-squares scaled error    L[e, p] = 1 - C[e, p]^2 / (N[e, p] C[e, e])   (min over a of the same
+                                            with a * f_p; a = C[e, p] / N[e, p]; in [0, 1])
+Like the Gram matrix both are sums over tokens, so streaming and merging are exact.
 """
 
 from __future__ import annotations
@@ -155,6 +166,120 @@ class SampleAccumulator:
         if metric == "cka_rbf":
             return rbf_cka(y)
         raise ValueError(f"SampleAccumulator cannot compute {metric!r}")
+
+
+class RoutedAccumulator:
+    """Exact streaming routed-token statistics of one MoE layer (see the module docstring).
+
+    Both weightings are kept from one pass: q = 1 (`count`, the default) and q = the router's weight
+    (`router`). Also per expert: `count` [E] routed (token, slot) pairs and `weight` [E] the sum of
+    their router weights; `tokens` the tokens seen. Everything is float64 and a plain sum over tokens.
+    """
+
+    WEIGHTINGS = ("count", "router")
+
+    def __init__(self, num_experts: int):
+        e = num_experts
+        self.num_experts = e
+        self.c = {w: torch.zeros(e, e, dtype=torch.float64) for w in self.WEIGHTINGS}
+        self.n = {w: torch.zeros(e, e, dtype=torch.float64) for w in self.WEIGHTINGS}
+        self.count = torch.zeros(e, dtype=torch.float64)
+        self.weight = torch.zeros(e, dtype=torch.float64)
+        self.tokens = 0
+
+    def update(self, y: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        """y: [E, n, H] every expert's output on the same n tokens; ids: [n, k] the experts each token is
+        routed to; weights: [n, k] their router weights (None: all 1). Cost O(n k E H + n k E^2); pass y in
+        float64 to share the conversion with `GramAccumulator.update`."""
+        e, n = self.num_experts, y.shape[1]
+        if y.dim() != 3 or y.shape[0] != e:
+            raise ValueError(f"RoutedAccumulator: outputs must be [E={e}, n, H], got {list(y.shape)}")
+        if ids.dim() != 2 or ids.shape[0] != n:
+            raise ValueError(f"RoutedAccumulator: ids must be [n={n}, k], got {list(ids.shape)}")
+        if weights is not None and weights.shape != ids.shape:
+            raise ValueError(f"RoutedAccumulator: weights must have the shape of ids {list(ids.shape)}, "
+                             f"got {list(weights.shape)}")
+        ids = ids.long()
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= e):
+            raise ValueError(f"RoutedAccumulator: expert ids must be in [0, {e}), got {int(ids.min())}..{int(ids.max())}")
+        k = ids.shape[1]
+        w = torch.ones(n * k, dtype=torch.float64) if weights is None else weights.double().reshape(-1)
+        yd = y.double()                                                        # no copy if already float64
+        sq = torch.einsum("enh,enh->en", yd, yd)                               # [E, n]      |f_p(x_t)|^2
+        own = yd[ids, torch.arange(n)[:, None]]                                # [n, k, H]   f_e(x_t) per slot
+        inner = torch.bmm(own, yd.permute(1, 2, 0)).reshape(n * k, e)          # [n*k, E]    <f_e, f_p> per slot
+        # slot -> expert matrices, one per weighting: sums by GEMMs (index_add_ is far slower on CPU)
+        q = torch.zeros(2, e, n * k, dtype=torch.float64)
+        flat, slot = ids.reshape(-1), torch.arange(n * k)
+        q[0, flat, slot] = 1.0
+        q[1, flat, slot] = w
+        c, nn = q @ inner, q.reshape(2, e, n, k).sum(-1) @ sq.t()             # [2, E, E] each
+        for j, name in enumerate(self.WEIGHTINGS):
+            self.c[name] += c[j]
+            self.n[name] += nn[j]
+        self.count += q[0].sum(1)
+        self.weight += q[1].sum(1)
+        self.tokens += n
+
+    def merge(self, other: "RoutedAccumulator") -> None:
+        for name in self.WEIGHTINGS:
+            self.c[name] += other.c[name]
+            self.n[name] += other.n[name]
+        self.count += other.count
+        self.weight += other.weight
+        self.tokens += other.tokens
+
+    def stats(self, weighting: str = "count") -> tuple[torch.Tensor, torch.Tensor]:
+        """(C, N), each [E, E] float64, for one weighting."""
+        if weighting not in self.WEIGHTINGS:
+            raise ValueError(f"unknown routed-token weighting {weighting!r}; use one of {', '.join(self.WEIGHTINGS)}")
+        return self.c[weighting], self.n[weighting]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The whole state as named tensors (for transport between processes and for files)."""
+        out = {f"{m}.{w}": getattr(self, m)[w] for m in ("c", "n") for w in self.WEIGHTINGS}
+        return {**out, "count": self.count, "weight": self.weight,
+                "tokens": torch.tensor([self.tokens], dtype=torch.int64)}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> "RoutedAccumulator":
+        """Inverse of `tensors`; a missing or misshapen entry is a ValueError naming it."""
+        if "count" not in t:
+            raise ValueError("routed statistics lack 'count'")
+        acc = cls(int(t["count"].shape[0]))
+        e = acc.num_experts
+        for key, shape in [(f"{m}.{w}", (e, e)) for m in ("c", "n") for w in cls.WEIGHTINGS] + \
+                          [("count", (e,)), ("weight", (e,)), ("tokens", (1,))]:
+            if key not in t or tuple(t[key].shape) != shape:
+                got = list(t[key].shape) if key in t else "missing"
+                raise ValueError(f"routed statistics entry {key!r} must have shape {list(shape)}, got {got}")
+        for m in ("c", "n"):
+            for w in cls.WEIGHTINGS:
+                getattr(acc, m)[w] = t[f"{m}.{w}"].double().clone()
+        acc.count, acc.weight = t["count"].double().clone(), t["weight"].double().clone()
+        acc.tokens = int(t["tokens"][0])
+        return acc
+
+
+def substitution_error(c: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Relative error of substituting p for e on e's routed tokens, weight unchanged.
+    R[e, p] = (C[e, e] - 2 C[e, p] + N[e, p]) / C[e, e]; 1 is the error of dropping e's slot, R[e, e] = 0.
+    [E, E], [E, E] -> [E, E] float64; rows of experts with no routed energy are NaN."""
+    cee = c.double().diagonal()[:, None]
+    r = (cee - 2 * c.double() + n.double()) / cee
+    r = torch.where(cee > 0, r.clamp_min(0), torch.full_like(r, float("nan")))
+    return r
+
+
+def scaled_substitution_error(c: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """The same error with p's output scaled by the least-squares a = C[e, p] / N[e, p]:
+    L[e, p] = 1 - C[e, p]^2 / (N[e, p] C[e, e]) in [0, 1] (a zero output p gives a = 0: dropping, 1).
+    [E, E], [E, E] -> [E, E] float64; rows of experts with no routed energy are NaN."""
+    c, n = c.double(), n.double()
+    cee = c.diagonal()[:, None]
+    gain = torch.where(n > 0, c.pow(2) / (n * cee).clamp_min(_EPS * _EPS), torch.zeros_like(c))
+    err = (1 - gain).clamp(0, 1)
+    return torch.where(cee > 0, err, torch.full_like(err, float("nan")))
 
 
 def make_accumulator(metric: str, num_experts: int, *, max_tokens: int = 512, seed: int = 0):

@@ -15,6 +15,16 @@ counts only nonzero-weight slots).
                        slots filled with the token's best-scoring experts already active in the batch
     xshare_budget      XShare-style selection (arXiv 2602.07265): greedily pick the batch's expert set
                        under a budget to maximise total gating score; tokens route inside that set
+    drop_secondaries   SERE's active set (primaries = union of top-S) without re-routing: a secondary
+                       slot whose expert is not primary is dropped, with or without rescaling the kept
+                       weights to the original sum (secondaries that are already primary stay)
+    router_logit       SERE's active set; a non-primary secondary moves to the primary with the highest
+                       router logit for this token among those it does not already hold (weight unchanged)
+    oracle             SERE's active set; a non-primary secondary moves to the primary whose true output
+                       on this token is closest to the expert's own (an upper bound: it looks at outputs)
+
+The last three, random_reroute and SERE at rho = 0 all run exactly the same experts per batch, so they
+compare what to do with a secondary slot at an equal active set.
 
 Weights: `normalize=True` means the model renormalises its top-k weights to sum to one
 (`norm_topk_prob`, Mixtral); rules that re-select experts from router scores follow the same
@@ -182,6 +192,77 @@ def xshare_budget(logits: torch.Tensor, budget: int, top_k: int, normalize: bool
     return top.indices, w, chosen
 
 
+def _non_primary(ids: torch.Tensor, select_top_k: int, num_experts: int,
+                 valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(primary [G, E] bool, move [G, T, k] bool: valid secondary slots whose expert is not primary)."""
+    from sere_dist.core.reroute import primary_mask
+
+    g, t, k = ids.shape
+    primary = primary_mask(ids, select_top_k, num_experts, valid)
+    is_primary = primary.gather(1, ids.long().reshape(g, -1)).reshape(g, t, k)
+    move = ~is_primary
+    move[..., :select_top_k] = False
+    if valid is not None:
+        move &= valid.unsqueeze(-1)
+    return primary, move
+
+
+def drop_secondaries(ids: torch.Tensor, weights: torch.Tensor, select_top_k: int, num_experts: int,
+                     valid: torch.Tensor | None = None, renormalize: bool = False) -> torch.Tensor:
+    """Drop every valid secondary slot whose expert is not primary (weight 0); the batch then runs
+    exactly SERE's primaries at rho = 0. With `renormalize` the token's kept weights are rescaled to
+    its original sum.
+
+    ids, weights: [G, T, k] sorted by weight; valid: [G, T]. Returns new weights [G, T, k].
+    """
+    _, move = _non_primary(ids, select_top_k, num_experts, valid)
+    return _drop(weights, ~move, renormalize)
+
+
+def router_logit_reroute(ids: torch.Tensor, logits: torch.Tensor, select_top_k: int, num_experts: int,
+                         valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Every valid non-primary secondary slot moves to the primary with the highest router logit for
+    this token, among the primaries the token does not already hold (when it holds them all: the
+    highest-logit primary overall). Weights unchanged; a token's moved slots take its best such primaries
+    in order (the first moved slot the best one), so two moved slots of one token do not collapse.
+
+    ids: [G, T, k]; logits: [G, T, E]; valid: [G, T]. Returns new ids [G, T, k].
+    """
+    g, t, k = ids.shape
+    primary, move = _non_primary(ids, select_top_k, num_experts, valid)
+    held = torch.zeros(g, t, num_experts, dtype=torch.bool).scatter_(-1, ids.long(), True)
+    score = logits.float().masked_fill(~primary.unsqueeze(1), float("-inf"))
+    fresh = score.masked_fill(held, float("-inf"))
+    n_fresh = (primary.unsqueeze(1) & ~held).sum(-1, keepdim=True)                 # [G, T, 1]
+    order_fresh = fresh.sort(dim=-1, descending=True, stable=True).indices       # fresh primaries first
+    best_any = score.argmax(-1, keepdim=True)                                     # [G, T, 1]
+    rank = move.long().cumsum(-1) - 1                                             # j-th moved slot of a token
+    pick = order_fresh.gather(-1, rank.clamp(min=0))
+    pick = torch.where(rank < n_fresh, pick, best_any.expand_as(pick))
+    return torch.where(move, pick.to(ids.dtype), ids)
+
+
+def oracle_reroute(ids: torch.Tensor, outputs: torch.Tensor, select_top_k: int,
+                   valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-slot oracle: every valid non-primary secondary slot (expert e) moves to the primary p whose
+    output on this token is closest to e's, argmin_p |f_e(x) - f_p(x)|^2 (lowest id on ties). Weights
+    unchanged. It reads the true expert outputs, so no deployable rule that re-routes with the weight
+    unchanged can do better slot by slot.
+
+    ids: [G, T, k]; outputs: [G, T, E, H] every expert's output on each token. Returns new ids.
+    """
+    g, t, k = ids.shape
+    num_experts = outputs.shape[2]
+    primary, move = _non_primary(ids, select_top_k, num_experts, valid)
+    sq = outputs.pow(2).sum(-1)                                                  # [G, T, E]
+    own = outputs.gather(2, ids.long().unsqueeze(-1).expand(g, t, k, outputs.shape[-1]))   # [G, T, k, H]
+    cross = torch.einsum("gtkh,gteh->gtke", own, outputs)                         # [G, T, k, E]
+    dist = sq.gather(2, ids.long()).unsqueeze(-1) + sq.unsqueeze(2) - 2 * cross  # [G, T, k, E]
+    dist = dist.masked_fill(~primary[:, None, None, :], float("inf"))
+    pick = dist.argmin(-1)
+    return torch.where(move, pick.to(ids.dtype), ids)
+
+
 # ---------------------------------------------------------------------------------------------
 # Transforms for sere_dist.eval.fidelity.evaluate
 
@@ -235,6 +316,44 @@ def xshare_transform(num_experts: int, budget: int, normalize: bool) -> Transfor
         new_ids, new_w, _ = xshare_budget(logits, budget, ids.shape[-1], normalize, valid)
         return new_ids, new_w, active_experts(new_ids, new_w, valid, num_experts)
     fn.wants_logits = True
+    return fn
+
+
+def drop_transform(num_experts: int, select_top_k: int, renormalize: bool) -> Transform:
+    def fn(layer, ids, w, valid):
+        w = drop_secondaries(ids, w, select_top_k, num_experts, valid, renormalize)
+        return ids, w, active_experts(ids, w, valid, num_experts)
+    return fn
+
+
+def router_logit_transform(num_experts: int, select_top_k: int) -> Transform:
+    def fn(layer, ids, w, valid, logits):
+        new = router_logit_reroute(ids, logits, select_top_k, num_experts, valid)
+        return new, w, active_experts(new, w, valid, num_experts)
+    fn.wants_logits = True
+    return fn
+
+
+def error_aware_transform(stats: Mapping[int, tuple[torch.Tensor, torch.Tensor]], select_top_k: int,
+                          threshold: float = 0.0, drop_unmatched: bool = False) -> Transform:
+    """The error-aware rule (torch reference, `core.reroute.error_aware`); stats: layer -> (C, N)."""
+    from sere_dist.core.reroute import error_aware, error_aware_gain
+
+    tables = {layer: error_aware_gain(c, n) for layer, (c, n) in stats.items()}
+
+    def fn(layer, ids, w, valid):
+        scale, gain = tables[layer]
+        new_ids, new_w = error_aware(ids, w, scale, gain, select_top_k, threshold, valid, drop_unmatched)
+        return new_ids, new_w, active_experts(new_ids, new_w, valid, gain.shape[0])
+    return fn
+
+
+def oracle_transform(num_experts: int, select_top_k: int) -> Transform:
+    """Needs every expert's output: RoutingPatch passes `outputs=[G, T, E, H]` (attribute wants_outputs)."""
+    def fn(layer, ids, w, valid, outputs):
+        new = oracle_reroute(ids, outputs, select_top_k, valid)
+        return new, w, active_experts(new, w, valid, num_experts)
+    fn.wants_outputs = True
     return fn
 
 

@@ -44,6 +44,7 @@ class TinySpec:
     num_clusters: int = 4            # planted only
     cluster_noise: float = 0.05      # planted only: relative noise between cluster members
     seed: int = 0
+    router_aux_loss_coef: float | None = None   # load-balancing loss weight; None keeps the family's default
 
 
 def train_tokenizer(out_dir: Path = TOKENIZER_DIR, vocab_size: int = 2048) -> Path:
@@ -116,6 +117,11 @@ def hf_config(spec: TinySpec, vocab_size: int, eos_ids: list[int], pad_id: int):
         arch = "DeepseekV2ForCausalLM"
     else:
         raise ValueError(f"unknown family {fam!r}; use one of {', '.join(FAMILIES)}")
+    if spec.router_aux_loss_coef is not None:
+        # transformers reads it when the model is built: it must be in the config passed to from_config
+        cfg.router_aux_loss_coef = spec.router_aux_loss_coef
+        if fam == "deepseek_v2":
+            cfg.aux_loss_alpha = spec.router_aux_loss_coef
     cfg.architectures = [arch]
     return cfg
 
