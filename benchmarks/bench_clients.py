@@ -41,18 +41,24 @@ def ours(url: str, n: int, conc: int, input_len: int, output_len: int, seed: int
     return summarize_arms(recs, [arm], {})["sere"]["tpot_ms"]["median"]
 
 
-def stock(url: str, tokenizer: str, n: int, conc: int, input_len: int, output_len: int, seed: int) -> float:
+def stock_result(url: str, model: str, tokenizer: str, n: int, conc: int, input_len: int, output_len: int,
+                 seed: int, timeout_s: float = 900) -> dict:
+    """One `vllm bench serve` run (the stock client) against `url`; its saved result JSON."""
     vllm = Path(sys.executable).with_name("vllm")
     with tempfile.TemporaryDirectory() as d:
         cmd = [str(vllm), "bench", "serve", "--backend", "openai", "--base-url", url, "--endpoint", "/v1/completions",
-               "--model", MODEL, "--tokenizer", tokenizer, "--dataset-name", "random",
+               "--model", model, "--tokenizer", tokenizer, "--dataset-name", "random",
                "--random-input-len", str(input_len), "--random-output-len", str(output_len), "--ignore-eos",
                "--num-prompts", str(n), "--max-concurrency", str(conc), "--request-rate", "inf",
                "--seed", str(seed), "--save-result", "--result-dir", d, "--result-filename", "r.json"]
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
         if p.returncode != 0:
             raise RuntimeError(f"vllm bench serve failed ({p.returncode}): {p.stderr[-2000:]}")
-        return float(json.loads((Path(d) / "r.json").read_text())["median_tpot_ms"])
+        return json.loads((Path(d) / "r.json").read_text())
+
+
+def stock(url: str, tokenizer: str, n: int, conc: int, input_len: int, output_len: int, seed: int) -> float:
+    return float(stock_result(url, MODEL, tokenizer, n, conc, input_len, output_len, seed)["median_tpot_ms"])
 
 
 def main() -> int:

@@ -20,6 +20,16 @@ re-routing and with it at S = 1, 2 (rho = 0.3 on a synthetic similarity), timed 
 The experts run as two `torch._grouped_mm` calls over the slots sorted by expert: a group with no tokens
 launches no tiles, so only the distinct experts' weights are read and fewer distinct experts shows up
 as time. Where `_grouped_mm` is unavailable a per-expert loop (host sync, eager) is used and labelled.
+
+Part 3, the vLLM hook op (`core.native.route_fast` -> `sere_dist::route`: order by weight, re-route,
+restore the order, counters in place). Parity: random cases of every rule (tests/cuda_emu.py's
+`random_route_case`) on the GPU against the torch spec `core.reroute.route`, bit for bit, counters
+included; CUDA graph: the op captured with counters and a count gate, replayed on fresh ids, gives
+the spec's ids and weights and the summed counters. Timings (E = 128, k = 8, S = 2, rho = 0.3; T in
+{1, 16, 64, 256}; eager and CUDA-graph replay): the op with counters, without, and the pre-issue-13
+hook (sort, gather, re-route kernel, scatter, ~25 torch ops of counting) for comparison.
+
+`--parts kernels,moe,route` picks parts (default all); gpu_check.sh runs them as separate time-boxed steps.
 """
 
 from __future__ import annotations
@@ -252,9 +262,143 @@ def bench_moe_step(ts) -> dict:
     return {"experts_impl": experts.__name__, "timing": mode, "expert_bytes": layer.expert_bytes, "rows": rows}
 
 
+def _route_case_to(case: dict, device: str) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+
+
+def check_route_parity(cases: int = 300, seed: int = 13) -> dict:
+    """The hook op on the GPU gives the torch spec's ids, weights and counters bit for bit (every rule)."""
+    import random
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.cuda_emu import random_route_case, route_reference, same_bits
+
+    rng = random.Random(seed)
+    bad, paths = [], {}
+    for i in range(cases):
+        case = random_route_case(rng, max_t=2048)
+        want_ids, want_w, want_c = route_reference(case)
+        g = _route_case_to(case, "cuda")
+        counts = torch.zeros(5, dtype=torch.int64, device="cuda")
+        path = native._route_path(g["ids"], g["weights"], g["sim"], g["valid"], g["expert_ranks"], counts, None)
+        paths[path] = paths.get(path, 0) + 1
+        ids, w = native.route_fast(g["ids"], g["weights"], g["sim"], g["s"], g["rho"], g["valid"], rule=g["rule"],
+                                   expert_ranks=g["expert_ranks"], merge_duplicates=g["merge_duplicates"],
+                                   counts=counts)
+        ok = same_bits(ids.cpu(), want_ids) and same_bits(w.cpu(), want_w) and torch.equal(counts.cpu(), want_c)
+        if not ok:
+            bad.append({"case": i, "rule": case["rule"], "T": int(case["ids"].shape[0]), "E": int(case["sim"].shape[0]),
+                        "k": int(case["ids"].shape[1]), "merge": case["merge_duplicates"], "path": path})
+    print(f"route parity on the GPU: {cases - len(bad)}/{cases} cases bit-identical to the torch spec; paths {paths}",
+          flush=True)
+    for b in bad[:10]:
+        print(f"  MISMATCH {b}", flush=True)
+    return {"cases": cases, "mismatches": bad, "paths": paths}
+
+
+def check_route_graph(t: int = 64, e: int = 128, k: int = 8, replays: int = 5) -> dict:
+    """The hook op inside a CUDA graph, counters and count gate included, replayed on fresh inputs."""
+    from sere_dist.core.reroute import route
+
+    g = torch.Generator().manual_seed(5)
+    sim = torch.rand(e, e, generator=g)
+    sim = torch.maximum(sim, sim.t()).fill_diagonal_(1.0).cuda()
+    s_ids = torch.zeros(t, k, dtype=torch.int32, device="cuda")
+    s_w = torch.zeros(t, k, dtype=torch.float32, device="cuda")
+    s_valid = torch.ones(t, dtype=torch.bool, device="cuda")
+    gate = torch.ones(1, dtype=torch.bool, device="cuda")
+    counts = torch.zeros(5, dtype=torch.int64, device="cuda")
+
+    def fresh():
+        logits = torch.randn(t, e, generator=g) - torch.linspace(0, 3, e)
+        w, ids = torch.softmax(logits, -1).topk(k, dim=-1)
+        perm = torch.argsort(torch.rand(t, k, generator=g), dim=1)       # router slot order != weight order
+        return ids.gather(1, perm).to(torch.int32), w.gather(1, perm)
+
+    ids0, w0 = fresh()
+    s_ids.copy_(ids0)
+    s_w.copy_(w0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        native.route_fast(s_ids, s_w, sim, S, RHO, s_valid, counts=counts, count_gate=gate)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    counts.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_ids, out_w = native.route_fast(s_ids, s_w, sim, S, RHO, s_valid, counts=counts, count_gate=gate)
+    ok, want_total = True, torch.zeros(5, dtype=torch.int64)
+    for r in range(replays):
+        ids, w = fresh()
+        s_ids.copy_(ids)
+        s_w.copy_(w)
+        gate.fill_(r % 2 == 0)                                             # odd replays must not count
+        graph.replay()
+        torch.cuda.synchronize()
+        want_ids, want_w, want_c = route(ids, w, sim.cpu(), S, RHO, torch.ones(t, dtype=torch.bool))
+        ok &= torch.equal(out_ids.cpu(), want_ids) and torch.equal(out_w.cpu(), want_w)
+        if r % 2 == 0:
+            want_total += want_c
+    ok &= torch.equal(counts.cpu(), want_total)
+    print(f"route op in a CUDA graph ({replays} replays, gate alternating): {'OK' if ok else 'MISMATCH'}", flush=True)
+    return {"ok": bool(ok), "T": t, "E": e, "k": k, "replays": replays}
+
+
+def old_hook(ids, weights, sim, valid, counts):
+    """The hook before issue 13 (sort, gather, re-route kernel, scatter, counting in torch ops)."""
+    from sere_dist.core.reroute import used_experts
+
+    order = torch.sort(weights, dim=-1, descending=True, stable=True).indices
+    new_sorted = native.reroute_fast(ids.gather(1, order), sim, S, RHO, valid)
+    new_ids = torch.empty_like(ids).scatter_(1, order, new_sorted)
+    if counts is not None:
+        e = sim.shape[0]
+        use = valid.unsqueeze(-1).expand(ids.shape).unsqueeze(0)
+        before = used_experts(ids.unsqueeze(0), e, use)
+        after = used_experts(new_ids.unsqueeze(0), e, use)
+        n_valid = valid.sum()
+        counts += torch.stack([before.sum(), after.sum(), ((new_ids != ids) & valid.unsqueeze(-1)).sum(),
+                               (n_valid > 0).long(), n_valid]).to(torch.int64)
+    return new_ids, weights
+
+
+def bench_route(ts=(1, 16, 64, 256), e: int = 128, k: int = 8) -> list[dict]:
+    rows = []
+    print(f"\nhook op (E={e}, k={k}, S={S}, rho={RHO}), us per call")
+    print(f"{'T':>4} | {'mode':>5} | {'op+count':>8} {'op':>8} {'old+count':>9} {'old':>8}")
+    for t in ts:
+        g = torch.Generator().manual_seed(t)
+        logits = torch.randn(t, e, generator=g) - torch.linspace(0, 4, e)
+        w, ids = torch.softmax(logits, -1).topk(k, dim=-1)
+        ids, w = ids.to(torch.int32).cuda(), w.cuda()
+        sim = torch.rand(e, e, generator=g)
+        sim = torch.maximum(sim, sim.t()).fill_diagonal_(1.0).cuda()
+        valid = torch.ones(t, dtype=torch.bool, device="cuda")
+        counts = torch.zeros(5, dtype=torch.int64, device="cuda")
+        fns = {"op_counters": lambda: native.route_fast(ids, w, sim, S, RHO, valid, counts=counts),
+               "op_no_counters": lambda: native.route_fast(ids, w, sim, S, RHO, valid),
+               "old_counters": lambda: old_hook(ids, w, sim, valid, counts),
+               "old_no_counters": lambda: old_hook(ids, w, sim, valid, None)}
+        for mode, timer in (("eager", time_eager_us), ("graph", time_graph_us)):
+            row = {"T": t, "E": e, "k": k, "mode": mode}
+            for name, fn in fns.items():
+                try:
+                    row[f"{name}_us"] = timer(fn)
+                except Exception as exc:  # noqa: BLE001  e.g. a host sync in the old counting under capture
+                    row[f"{name}_us"] = None
+                    row[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:200]
+            rows.append(row)
+            f = lambda v: f"{v:8.1f}" if v is not None else f"{'-':>8}"  # noqa: E731
+            print(f"{t:>4} | {mode:>5} | {f(row['op_counters_us'])} {f(row['op_no_counters_us'])} "
+                  f"{f(row['old_counters_us']):>9} {f(row['old_no_counters_us'])}", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a subset: T in {1, 256, 4096}, E = 128, k = 8")
+    ap.add_argument("--parts", default="kernels,moe,route", help="comma list of kernels, moe, route")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "kernels_gpu.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -266,17 +410,27 @@ def main() -> None:
     print(f"GPU: {props.name} (sm_{props.major}{props.minor}, {props.multi_processor_count} SMs, "
           f"{props.total_memory / 2**30:.0f} GiB); torch {torch.__version__}, CUDA {torch.version.cuda}")
     t0 = time.perf_counter()
+    parts = set(args.parts.split(","))
     ts, es, ks = ((1, 256, 4096), (128,), (8,)) if args.quick else (TS, ES, KS)
-    kernel_rows = bench_kernels(ts, es, ks)
-    moe = bench_moe_step((16, 64, 256) if args.quick else (16, 32, 64, 128, 256))
+    kernel_rows = bench_kernels(ts, es, ks) if "kernels" in parts else []
+    moe = bench_moe_step((1, 16, 64, 256) if args.quick else (1, 16, 32, 64, 128, 256)) if "moe" in parts else None
+    route_res = None
+    failed = []
+    if "route" in parts:
+        route_res = {"parity": check_route_parity(100 if args.quick else 300), "graph": check_route_graph(),
+                     "timings": bench_route()}
+        if route_res["parity"]["mismatches"]:
+            failed.append("route parity")
+        if not route_res["graph"]["ok"]:
+            failed.append("route CUDA graph")
     graph_rows = [r for r in kernel_rows if r["mode"] == "graph"]
-    summary = {
-        "graph_geomean_speedup_vs_ref": statistics.geometric_mean(r["speedup_vs_ref"] for r in graph_rows),
-        "graph_geomean_speedup_vs_per_slot_cuda": statistics.geometric_mean(
-            r["speedup_vs_per_slot_cuda"] for r in graph_rows),
-        "graph_min_speedup_vs_per_slot_cuda": min(r["speedup_vs_per_slot_cuda"] for r in graph_rows),
-        "seconds": time.perf_counter() - t0,
-    }
+    summary = {"seconds": time.perf_counter() - t0, "failed": failed}
+    if graph_rows:
+        summary.update({
+            "graph_geomean_speedup_vs_ref": statistics.geometric_mean(r["speedup_vs_ref"] for r in graph_rows),
+            "graph_geomean_speedup_vs_per_slot_cuda": statistics.geometric_mean(
+                r["speedup_vs_per_slot_cuda"] for r in graph_rows),
+            "graph_min_speedup_vs_per_slot_cuda": min(r["speedup_vs_per_slot_cuda"] for r in graph_rows)})
     print(f"\nsummary: {json.dumps(summary)}")
     result = {
         "benchmark": "reroute kernels + MoE decode step, GPU",
@@ -284,11 +438,13 @@ def main() -> None:
         "gpu": props.name, "capability": f"{props.major}.{props.minor}", "sms": props.multi_processor_count,
         "torch": torch.__version__, "cuda": torch.version.cuda, "select_top_k": S, "threshold": RHO,
         "graph_inner_calls": GRAPH_INNER, "library": native._state["library"], "summary": summary,
-        "kernels": kernel_rows, "moe_step": moe,
+        "parts": sorted(parts), "kernels": kernel_rows, "moe_step": moe, "route": route_res,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
+    if failed:
+        raise SystemExit(f"bench_kernels_gpu: FAILED: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

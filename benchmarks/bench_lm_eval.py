@@ -77,13 +77,10 @@ def endpoint(models: dict[str, dict[str, Any] | None], stats_root: Path, *, port
              timeout_s: float = 900) -> Iterator[str]:
     """One Ray Serve app: every model id is its own LLMServer (own vLLM engine, own SERE counter dir)
     behind the guarded OpenAI ingress. Ray, Serve and the engines are shut down on exit."""
-    import ray
-    from ray import serve
-
     from sere_dist.engine.stats import STATS_ENV
     from sere_dist.serve.app import llm_config_dicts, resolve
     from sere_dist.serve.config import DEFAULT_ENV, ServeArgs
-    from sere_dist.serve.endpoint import _quiet, wait_ready
+    from sere_dist.serve.endpoint import serve_app
     from sere_dist.serve.ray_internals import build_openai_app_guarded
 
     configs, first = [], None
@@ -96,23 +93,11 @@ def endpoint(models: dict[str, dict[str, Any] | None], stats_root: Path, *, port
                                             "engine": dict(ENGINE), "env": env, "ingress": dict(INGRESS)}))
         first = first or args
         configs += llm_config_dicts(args)
-    ray.init(address="local", num_cpus=2 * len(models) + 2, object_store_memory=300 * 1024 ** 2,
-             include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
-    try:
-        _quiet()
-        app = build_openai_app_guarded(configs, dict(INGRESS), max_n=first.limits.max_n,
-                                       max_body_bytes=first.limits.max_body_bytes)
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        _quiet()
-        serve.run(app, name="sere-lm-eval", route_prefix="/")
-        url = f"http://127.0.0.1:{port}"
-        for model_id in models:
-            wait_ready(url, model_id, timeout_s=timeout_s)
+    make = lambda: build_openai_app_guarded(configs, dict(INGRESS), max_n=first.limits.max_n,  # noqa: E731
+                                            max_body_bytes=first.limits.max_body_bytes)
+    with serve_app(make, list(models), port=port, num_cpus=2 * len(models) + 2, name="sere-lm-eval",
+                   timeout_s=timeout_s, quiet=True, metrics_port=metrics_port) as url:
         yield url
-    finally:
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        ray.shutdown()
 
 
 def scrape_sere_metrics(metrics_port: int) -> dict[str, dict[str, float]]:

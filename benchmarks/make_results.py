@@ -296,24 +296,102 @@ def kernels_section(d: dict) -> tuple[str, list[str]]:
 
 
 def tpot_section(d: dict) -> tuple[str, list[str]]:
-    m = d["model"]
-    lines = ["## Offline decode TPOT on vLLM-CPU (SERE vs plain, pairwise in one engine)", "",
-             f"Command: `{d.get('command') or 'python benchmarks/bench_tpot.py'}`. Model: planted Qwen3-MoE shape, "
-             f"{m['experts']} experts, top-{m['top_k']}, hidden {m['hidden']}, {m['layers']} layers, {m['dtype']}; "
-             f"{d['engine']}; rho={d['threshold']}; TPOT = (t(N={d['tokens']}) - t(N=1)) / (N - 1), median of "
-             f"{d['repeats']} interleaved repeats.", ""]
-    rows = [[str(r["batch"]), r["setting"], fmt(r["tpot_ms"], 2), fmt(r["tpot_ratio"], 3),
-             fmt(r.get("distinct_experts_before"), 1), fmt(r.get("distinct_experts_after"), 1)] for r in d["rows"]]
-    lines.append(table(["batch", "setting", "TPOT ms", "ratio to plain", "experts/layer before", "after"], rows))
+    """tpot_cpu.json / tpot_gpu.json (bench_tpot.py) and tpot_threads.json (bench_tpot.py --compare-binds)."""
+    if d.get("benchmark") == "tpot_threads":
+        return tpot_threads_section(d)
+    m, e = d["model"], d["engine"]
+    gpu = d.get("benchmark") == "tpot_gpu"
+    where = (f"vLLM {e.get('vllm')} on {e.get('device')}, CUDA graphs on ({e.get('compile')}), one engine per arm"
+             if gpu else f"vLLM-CPU {e.get('vllm')} eager, one engine, arms switched with `sere_control`, "
+                         f"`VLLM_CPU_OMP_THREADS_BIND={e.get('bind')}` (worker threads "
+                         f"{(e.get('worker') or {}).get('torch_threads')})")
+    lines = [f"## Decode TPOT, SERE vs plain ({'GPU' if gpu else 'CPU'}), with the bound the MoE share allows", "",
+             cmd_line(d, "python benchmarks/bench_tpot.py") + f" ({d.get('wall_s', '?')} s). Model: {m['kind']} bf16 "
+             f"Qwen3-MoE shape, {m['experts']} experts, top-{m['top_k']}, hidden {m['hidden']}, expert intermediate "
+             f"{m['intermediate']}, {m['layers']} layers; {where}; rho = {d['rho']} on a synthetic similarity; "
+             f"{d['tokens']} tokens per run, ABBA over {d['repeats']} rounds, medians. TPOT: {d.get('tpot')}. "
+             "MoE share = MoE-layer time per step (measured inside the worker) / plain TPOT; bound = "
+             "1 / ((1 - share) + share x after / before); *of bound* = (speed-up - 1) / (bound - 1). "
+             f"Load: `{d.get('uptime_before', '?')}` before, `{d.get('uptime_after', '?')}` after.", ""]
+    for o in d.get("other_runs", []):   # bench_tpot.py --merge: a second shape in the same file
+        lines[-2] += (f" Hidden {o['model']['hidden']} rows: `{o.get('command')}` ({o.get('wall_s', '?')} s; load "
+                      f"`{o.get('uptime_before', '?')}` before, `{o.get('uptime_after', '?')}` after).")
+    rows = [[str(r["hidden"]), str(r["batch"]), r["rule"], str(r["S"]), fmt(r["plain_ms"], 2), fmt(r["sere_ms"], 2),
+             fmt(r["speedup"], 3), fmt(r["moe_share"], 3),
+             f"{fmt(r['distinct_before'], 1)} → {fmt(r['distinct_after'], 1)}", fmt(r["bound_speedup"], 3),
+             fmt(r.get("of_bound"), 2)] for r in d["rows"]]
+    lines.append(table(["hidden", "batch", "rule", "S", "TPOT plain ms", "TPOT SERE ms", "speed-up", "MoE share",
+                        "experts/layer before → after", "bound", "of bound"], rows))
     lines.append("")
-    if (HERE / "results" / "tpot_cpu.png").exists():
-        lines += ["![tpot_cpu](results/tpot_cpu.png)", ""]
+    hook = d.get("hook_batch1") or {}
     notes = []
+    if hook:
+        lines += [f"Hook at batch 1: the route op {fmt(hook['route_op_ms_per_step'], 4)} ms summed over "
+                  f"{hook['layers']} layers + the token-mask fill {fmt(hook['mask_fill_ms_per_step'], 4)} ms per step = "
+                  f"**{100 * hook['overhead_direct']:.2f}%** of the plain step ({fmt(hook['plain_ms'], 2)} ms); "
+                  f"TPOT with SERE at S = k (nothing moves) / plain - 1 = "
+                  f"{fmt(100 * hook['overhead_tpot_diff'] if hook.get('overhead_tpot_diff') is not None else None, 2)}%.",
+                  ""]
+        notes.append(f"SERE hook cost at batch 1 ({'GPU' if gpu else 'CPU'}, E={m['experts']} hidden {m['hidden']}): "
+                     f"{100 * hook['overhead_direct']:.2f}% of a decode step")
+    png = f"results/{d.get('benchmark', 'tpot_cpu')}.png"
+    if (HERE / png).exists():
+        lines += [f"![{d.get('benchmark')}]({png})", ""]
     for r in d["rows"]:
-        if r["setting"] == "S=1":
-            notes.append(f"vLLM-CPU decode, E={m['experts']} k={m['top_k']}, batch {r['batch']}: TPOT S=1 / plain = "
-                         f"{r['tpot_ratio']:.2f} (experts/layer {fmt(r.get('distinct_experts_before'), 1)} -> "
-                         f"{fmt(r.get('distinct_experts_after'), 1)})")
+        if r["batch"] in (1, 16) and r["speedup"] is not None:
+            notes.append(f"{'GPU' if gpu else 'vLLM-CPU'} decode, E={r['experts']} hidden {r['hidden']}, batch "
+                         f"{r['batch']}, S={r['S']}: TPOT speed-up {r['speedup']:.2f}x (bound {fmt(r['bound_speedup'], 2)}x "
+                         f"at MoE share {fmt(r['moe_share'], 2)}; experts/layer {fmt(r['distinct_before'], 1)} → "
+                         f"{fmt(r['distinct_after'], 1)})")
+    return "\n".join(lines), notes
+
+
+def tpot_threads_section(d: dict) -> tuple[str, list[str]]:
+    m = d.get("model") or {}
+    lines = ["## vLLM-CPU thread binding on this machine (decode TPOT)", "",
+             cmd_line(d, "python benchmarks/bench_tpot.py --compare-binds auto,0-1,nobind") + f". Model: "
+             f"E={m.get('experts')}, hidden {m.get('hidden')}, {m.get('layers')} layers; one engine per binding "
+             f"(`VLLM_CPU_OMP_THREADS_BIND`), plain and SERE arms ABBA inside it. {d.get('note', '')}. Load: "
+             f"`{d.get('uptime_before', '?')}` before, `{d.get('uptime_after', '?')}` after.", ""]
+    rows = [[r["bind"], str(r.get("batch", "–")), str(r.get("S", "–")),
+             f"{r.get('worker_threads')} / {r.get('worker_affinity')}", fmt(r.get("plain_ms"), 2),
+             fmt(r.get("sere_ms"), 2), fmt(r.get("speedup"), 3), fmt(r.get("moe_plain_ms"), 2),
+             fmt(r.get("moe_share"), 3)] for r in d["rows"] if "error" not in r]
+    lines.append(table(["binding", "batch", "S", "worker threads / affinity", "TPOT plain ms", "TPOT SERE ms",
+                        "speed-up", "MoE plain ms", "MoE share"], rows))
+    lines.append("")
+    notes = []
+    for b in sorted({r["batch"] for r in d["rows"] if "batch" in r}):
+        best = min((r for r in d["rows"] if r.get("batch") == b and r.get("plain_ms")), key=lambda r: r["plain_ms"],
+                   default=None)
+        if best:
+            others = ", ".join(f"{r['bind']} {r['plain_ms']:.1f}" for r in d["rows"]
+                               if r.get("batch") == b and r.get("plain_ms") and r is not best)
+            notes.append(f"Thread binding, batch {b}: fastest plain TPOT with `{best['bind']}` "
+                         f"({best['plain_ms']:.1f} ms; {others} ms)")
+    return "\n".join(lines), notes
+
+
+def serve_tpot_section(d: dict) -> tuple[str, list[str]]:
+    """clients_serve_tpot.json (bench_serve_tpot.py): the stock client against the Ray Serve endpoint."""
+    m = d["model"]
+    lines = ["## Served decode TPOT, plain vs SERE, by `vllm bench serve` against Ray Serve", "",
+             cmd_line(d, "python benchmarks/bench_serve_tpot.py") + f" ({d.get('wall_s', '?')} s). One endpoint, two "
+             f"model ids on the same {m['kind']} checkpoint (E={m['experts']}, hidden {m['hidden']}, intermediate "
+             f"{m['intermediate']}, {m['layers']} layers): SERE S={d['sere']['select_top_k']}, rho="
+             f"{d['sere']['threshold']} vs SERE off; {d['input_len']} input / {d['output_len']} output tokens, "
+             f"--request-rate inf under --max-concurrency; {d['order']}, {d['repeats']} rounds, medians; worker "
+             f"binding `{d.get('bind')}`. Experts from the SERE counters on Ray's metrics export. Load: "
+             f"`{d.get('uptime_before', '?')}` before, `{d.get('uptime_after', '?')}` after.", ""]
+    rows = [[str(r["concurrency"]), str(r["num_prompts"]), fmt(r["plain_median_tpot_ms"], 2),
+             fmt(r["sere_median_tpot_ms"], 2), fmt(r["tpot_speedup"], 3), fmt(r["plain_output_throughput"], 1),
+             fmt(r["sere_output_throughput"], 1), f"{fmt(r['distinct_before'], 1)} → {fmt(r['distinct_after'], 1)}"]
+            for r in d["rows"]]
+    lines.append(table(["concurrency", "prompts", "median TPOT plain ms", "median TPOT SERE ms", "speed-up",
+                        "out tok/s plain", "out tok/s SERE", "experts/layer before → after"], rows))
+    lines.append("")
+    notes = [f"Served (Ray Serve, `vllm bench serve`), E={m['experts']} hidden {m['hidden']}: median TPOT speed-up "
+             + ", ".join(f"{r['tpot_speedup']:.2f}x at c={r['concurrency']}" for r in d["rows"] if r["tpot_speedup"])]
     return "\n".join(lines), notes
 
 
@@ -379,6 +457,8 @@ def main() -> int:
                 sec, n = kernels_section(d)
             elif stem.startswith("tpot"):
                 sec, n = tpot_section(d)
+            elif stem == "clients_serve_tpot":
+                sec, n = serve_tpot_section(d)
             elif stem == "clients":
                 sec, n = clients_section(d)
             elif stem == "lm_eval":

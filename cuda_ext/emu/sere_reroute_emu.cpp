@@ -109,6 +109,29 @@ __attribute__((noinline)) bool call_catching_faults(Call& call, const void* ids,
   return true;
 }
 
+// Arms the guard-page handler, runs the emulated launch, disarms it. Returns the cudaError_t value
+// (launch failure with the faulting block's message when a guard page was hit).
+template <typename Call>
+int launch_catching_faults(Call& call, const void* ids, void* out, const void* sim, const bool* valid,
+                           unsigned char* flags, char* msg, int msg_len) {
+  struct sigaction action {};
+  action.sa_sigaction = &on_segv;
+  action.sa_flags = SA_SIGINFO;
+  sigemptyset(&action.sa_mask);
+  sigaction(SIGSEGV, &action, &g_previous);
+  int err;
+  if (call_catching_faults(call, ids, out, sim, valid, flags)) {
+    err = static_cast<int>(cudaGetLastError());
+    if (err != 0) write_message(msg, msg_len, emu::last_error());
+  } else {  // came back from on_segv: the emulated launch is abandoned
+    err = static_cast<int>(cudaErrorLaunchFailure);
+    write_message(msg, msg_len, std::string("block ") + std::to_string(emu::state().block_idx.x) + ": " + g_fault);
+    emu::state().current = nullptr;
+  }
+  sigaction(SIGSEGV, &g_previous, nullptr);
+  return err;
+}
+
 size_t id_bytes(int id_type) { return id_type == sere::kInt64 ? 8 : 4; }
 size_t sim_bytes(int sim_type) { return sim_type == sere::kFloat32 ? 4 : 2; }
 
@@ -140,22 +163,8 @@ int run_guarded(int id_type, int sim_type, const void* ids, void* result, bool i
     write_message(msg, msg_len, "mmap failed");
     return static_cast<int>(cudaErrorLaunchFailure);
   }
-  struct sigaction action {};
-  action.sa_sigaction = &on_segv;
-  action.sa_flags = SA_SIGINFO;
-  sigemptyset(&action.sa_mask);
-  sigaction(SIGSEGV, &action, &g_previous);
-  int err;
-  if (call_catching_faults(call, g_ids, g_out, g_sim, static_cast<const bool*>(g_valid),
-                           static_cast<unsigned char*>(g_flags))) {
-    err = static_cast<int>(cudaGetLastError());
-    if (err != 0) write_message(msg, msg_len, emu::last_error());
-  } else {  // came back from on_segv: the emulated launch is abandoned
-    err = static_cast<int>(cudaErrorLaunchFailure);
-    write_message(msg, msg_len, std::string("block ") + std::to_string(emu::state().block_idx.x) + ": " + g_fault);
-    emu::state().current = nullptr;
-  }
-  sigaction(SIGSEGV, &g_previous, nullptr);
+  const int err = launch_catching_faults(call, g_ids, g_out, g_sim, static_cast<const bool*>(g_valid),
+                                         static_cast<unsigned char*>(g_flags), msg, msg_len);
   if (err == 0 && n_ids > 0) std::memcpy(result, g_out, n_ids * id_bytes(id_type));
   release_all();
   return err;
@@ -225,11 +234,6 @@ extern "C" __attribute__((visibility("default"))) int sere_route_emu_launch(
     write_message(msg, msg_len, "mmap failed");
     return static_cast<int>(cudaErrorLaunchFailure);
   }
-  struct sigaction action {};
-  action.sa_sigaction = &on_segv;
-  action.sa_flags = SA_SIGINFO;
-  sigemptyset(&action.sa_mask);
-  sigaction(SIGSEGV, &action, &g_previous);
   auto call = [&](const void*, void*, const void*, const bool*, unsigned char*) {
     note_refusal(route_entry(id_type, weight_type, sim_type, g_ids, g_w, g_oi, g_ow, g_sim,
                              static_cast<const bool*>(g_valid), static_cast<const bool*>(g_ranks), num_ranks,
@@ -237,16 +241,7 @@ extern "C" __attribute__((visibility("default"))) int sere_route_emu_launch(
                              static_cast<long long*>(g_counts), static_cast<const bool*>(g_gate),
                              static_cast<unsigned*>(g_ws), nullptr));
   };
-  int err;
-  if (call_catching_faults(call, nullptr, nullptr, nullptr, nullptr, nullptr)) {
-    err = static_cast<int>(cudaGetLastError());
-    if (err != 0) write_message(msg, msg_len, emu::last_error());
-  } else {
-    err = static_cast<int>(cudaErrorLaunchFailure);
-    write_message(msg, msg_len, std::string("block ") + std::to_string(emu::state().block_idx.x) + ": " + g_fault);
-    emu::state().current = nullptr;
-  }
-  sigaction(SIGSEGV, &g_previous, nullptr);
+  const int err = launch_catching_faults(call, nullptr, nullptr, nullptr, nullptr, nullptr, msg, msg_len);
   if (err == 0) {
     if (ni > 0) {
       std::memcpy(out_ids, g_oi, ni * ib);

@@ -21,11 +21,21 @@ def local_endpoint(args: Mapping[str, Any] | ServeArgs | None = None, *, port: i
     metrics_port: Ray's Prometheus metrics on this port (vLLM engine metrics and the SERE counters).
     Everything started here (Serve app, Ray instance, vLLM processes) is shut down on exit.
     """
+    args = resolve(args)  # raises on bad args/artifact before Ray starts; resolved once
+    with serve_app(lambda: build_app(args), [ready_model or args.model_id], port=port, num_cpus=num_cpus,
+                   name=name, timeout_s=timeout_s, quiet=quiet, metrics_port=metrics_port) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serve_app(make_app, ready_models: list[str], *, port: int = 8000, num_cpus: float = 4, name: str = "sere",
+              timeout_s: float = 600, quiet: bool = False, metrics_port: int | None = None):
+    """The one way an endpoint is run here: a private local Ray instance, `make_app()` deployed with
+    Ray Serve on `port`, a real completion from each of `ready_models`, then the URL; Serve and Ray
+    are shut down on exit, even on failure."""
     import ray
     from ray import serve
 
-    args = resolve(args)  # raises on bad args/artifact before Ray starts; resolved once
-    r_id = ready_model or args.model_id
     # Private instance first: building the app touches Ray, and a bare auto-init could attach to
     # another cluster on this host.
     extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
@@ -34,13 +44,14 @@ def local_endpoint(args: Mapping[str, Any] | ServeArgs | None = None, *, port: i
     try:
         if quiet:
             _quiet()
-        app = build_app(args)
+        app = make_app()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         if quiet:
             _quiet()  # Serve (re)configures its loggers when it starts
         serve.run(app, name=name, route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        wait_ready(url, r_id, timeout_s=timeout_s)
+        for model in ready_models:
+            wait_ready(url, model, timeout_s=timeout_s)
         yield url
     finally:
         with contextlib.suppress(Exception):
