@@ -49,6 +49,7 @@ import torch
 
 from sere_dist.calibration.capture import load_model, moe_blocks, tokenize_texts
 from sere_dist.calibration.corpus import split_corpus, stdlib_documents
+from sere_dist.calibration.diagnostics import diagnostics
 from sere_dist.calibration.pipeline import calibrate_in_process
 from sere_dist.core.config import SereConfig
 from sere_dist.eval import baselines as bl
@@ -161,12 +162,7 @@ def run_model(name: str, path: Path, args) -> dict:
     red = calibrate_in_process(model, cal, metric="frobenius", batch_size=8)
     routed = {layer: acc.stats("count") for layer, acc in red.routed.items()}
     cal_s = time.time() - t0
-    diag = None
-    try:                                     # the calibration report's redundancy diagnostics
-        from sere_dist.calibration.diagnostics import diagnose
-        diag = diagnose(model, cal)
-    except ImportError:
-        pass
+    diag = diagnostics(red.grams, red.matrices, red.routed, metric="frobenius")   # the report's redundancy part
     ev = heldout_tokens(tok, held_docs, args.eval_samples, args.seq_len)
     ref = reference(model, ev, batch_size=64)
     routing = unmodified_routing(model, ev, num_experts)

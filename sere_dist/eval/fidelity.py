@@ -84,7 +84,7 @@ class RoutingPatch:
         self._blocks = moe_blocks(self.model)
 
     def __enter__(self):
-        for idx, blk in moe_blocks(self.model).items():
+        for idx, blk in self._blocks.items():
             self._handles.append(blk.register_forward_pre_hook(self._pre(idx), with_kwargs=True))
             self._handles.append(blk.gate.register_forward_hook(self._post(idx)))
         return self

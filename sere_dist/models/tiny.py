@@ -126,8 +126,9 @@ def hf_config(spec: TinySpec, vocab_size: int, eos_ids: list[int], pad_id: int):
     return cfg
 
 
-def build_model(spec: TinySpec, kind: str = "random"):
-    """In-memory transformers model (random or planted weights) and its tokenizer."""
+def build_model(spec: TinySpec, kind: str = "random", router_scale: float = 4.0):
+    """In-memory transformers model (random or planted weights) and its tokenizer. The routers start at
+    `router_scale` times the default init (4: confident, diverse routing; training starts smaller)."""
     from transformers import AutoModelForCausalLM
 
     from sere_dist.calibration.capture import moe_blocks
@@ -147,7 +148,7 @@ def build_model(spec: TinySpec, kind: str = "random"):
                 p.copy_(torch.randn(p.shape, generator=gen) * (1.0 / p.shape[-1]) ** 0.5)
         for idx, block in moe_blocks(model).items():
             ex = block.experts
-            block.gate.weight.mul_(4.0)  # confident, diverse routing
+            block.gate.weight.mul_(router_scale)
             if kind == "planted":
                 labels = torch.randperm(spec.num_experts, generator=gen) % spec.num_clusters
                 clusters[idx] = labels.tolist()

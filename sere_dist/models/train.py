@@ -222,14 +222,6 @@ def upcycle(dense, moe, recipe: Recipe) -> None:
                               * recipe.router_init_scale / blk.gate.weight.shape[-1] ** 0.5)
 
 
-def _scale_routers(model, scale: float) -> None:
-    from sere_dist.calibration.capture import moe_blocks
-
-    with torch.no_grad():
-        for blk in moe_blocks(model).values():
-            blk.gate.weight.mul_(scale / 4.0)    # build_model left the router at 4x the default init
-
-
 def _save(model, tok, out: Path, meta: dict, result: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16).save_pretrained(str(out), safe_serialization=True)
@@ -254,10 +246,8 @@ def train(out: Path = TRAINED_DIR, spec: TinySpec = TRAINED_SPEC, recipe: Recipe
     result: dict = {"recipe": asdict(recipe), "spec": asdict(spec), "threads": torch.get_num_threads(),
                     "heldout_tokens": int(held.numel()), "train_corpus_tokens": int(data.numel())}
     torch.manual_seed(recipe.seed)
-    model, _ = build_model(spec, "random")
-    if recipe.upcycle is None:
-        _scale_routers(model, recipe.router_init_scale)
-    else:
+    model, _ = build_model(spec, "random", router_scale=recipe.router_init_scale)
+    if recipe.upcycle is not None:
         width = recipe.dense_intermediate or (spec.expert_intermediate if recipe.upcycle == "copy" else
                                               spec.expert_intermediate * spec.num_experts // recipe.split_copies)
         dense = dense_model(spec, width, tok)
