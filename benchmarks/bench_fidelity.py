@@ -39,6 +39,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -67,12 +68,72 @@ LABELS = {"sere": "SERE (paper rule, rho=0)", "error_aware": "error-aware (LS sc
           "top_s": "naive top-S"}
 FRACTIONS = (0.5, 0.625, 0.75, 0.875)
 
+# The error-aware rule's settings: routed-token weighting of C, N (RoutedAccumulator.stats), what an
+# unmatched slot does (no primary reaches the gain threshold: keep / drop / renorm, core.reroute.route)
+# and the gain threshold. `error_aware` runs the defaults below (or --ea-*); variants run side by side
+# as methods named error_aware_<weighting>_<unmatched>_t<threshold>, e.g. error_aware_router_renorm_t0.3.
+EA_WEIGHTINGS = ("count", "router")
+EA_UNMATCHED = ("keep", "drop", "renorm")
+EA_DEFAULT = {"weighting": "router", "unmatched": "keep", "threshold": 0.0, "keep_sum": False}
+EA_VARIANT = re.compile(r"error_aware_(count|router)_(keep|drop|renorm)_t([0-9]*\.?[0-9]+)(_sum)?")
 
-def transform_for(method: str, s: int, sims, num_experts: int, seed: int, routed=None):
+
+def ea_name(weighting: str, unmatched: str, threshold: float, keep_sum: bool = False) -> str:
+    return f"error_aware_{weighting}_{unmatched}_t{threshold:g}" + ("_sum" if keep_sum else "")
+
+
+def ea_settings(method: str, default: dict | None = None) -> dict | None:
+    """The error-aware settings a method name stands for (None: not an error-aware method)."""
+    if method == "error_aware":
+        return dict(default or EA_DEFAULT)
+    m = EA_VARIANT.fullmatch(method)
+    if m is None:
+        return None
+    return {"weighting": m.group(1), "unmatched": m.group(2), "threshold": float(m.group(3)),
+            "keep_sum": m.group(4) is not None}
+
+
+def is_error_aware(method: str) -> bool:
+    return method == "error_aware" or EA_VARIANT.fullmatch(method) is not None
+
+
+def is_deployable(method: str) -> bool:
+    """Servable by the plugin: the baselines but the oracle, and the error-aware settings SereConfig offers
+    (the `_sum` variants are a benchmark-only prototype)."""
+    st = ea_settings(method)
+    return method in DEPLOYABLE or (st is not None and not st["keep_sum"])
+
+
+def label(method: str) -> str:
+    if method in LABELS:
+        return LABELS[method]
+    st = ea_settings(method)
+    return (f"error-aware {st['weighting']}, {st['unmatched']}, g>={st['threshold']:g}"
+            + (", sum kept (prototype, not served)" if st["keep_sum"] else ""))
+
+
+def method_arg(value: str) -> str:
+    if value in METHODS or EA_VARIANT.fullmatch(value):
+        return value
+    raise argparse.ArgumentTypeError(f"unknown method {value!r}: use one of {', '.join(METHODS)} or "
+                                     "error_aware_<count|router>_<keep|drop|renorm>_t<threshold>[_sum]")
+
+
+def ea_grid(thresholds) -> list[str]:
+    """Every (weighting, unmatched, threshold) variant; at threshold 0 every primary passes (gains are
+    >= 0), so no slot is unmatched and keep / drop / renorm coincide: only keep is listed there."""
+    return [ea_name(w, u, t) for w in EA_WEIGHTINGS for t in thresholds for u in EA_UNMATCHED
+            if t > 0 or u == "keep"]
+
+
+def transform_for(method: str, s: int, sims, num_experts: int, seed: int, routed=None, ea: dict | None = None):
+    """routed: weighting -> layer -> (C, N); ea: the default settings of `error_aware` (EA_DEFAULT)."""
     if method == "sere":
         return sere_transform(sims, SereConfig(select_top_k=s, threshold=0.0))
-    if method == "error_aware":
-        return bl.error_aware_transform(routed, s, threshold=0.0)
+    st = ea_settings(method, ea)
+    if st is not None:
+        return bl.error_aware_transform(routed[st["weighting"]], s, threshold=st["threshold"],
+                                        unmatched=st["unmatched"], keep_sum=st.get("keep_sum", False))
     if method == "random":
         return bl.random_reroute_transform(num_experts, s, seed=seed)
     if method == "router_logit":
@@ -160,7 +221,7 @@ def run_model(name: str, path: Path, args) -> dict:
     cal = tokenize_texts(tok, train_docs, args.cal_seq_len, args.cal_samples)
     t0 = time.time()
     red = calibrate_in_process(model, cal, metric="frobenius", batch_size=8)
-    routed = {layer: acc.stats("count") for layer, acc in red.routed.items()}
+    routed = {wt: {layer: acc.stats(wt) for layer, acc in red.routed.items()} for wt in EA_WEIGHTINGS}
     cal_s = time.time() - t0
     diag = diagnostics(red.grams, red.matrices, red.routed, metric="frobenius")   # the report's redundancy part
     ev = heldout_tokens(tok, held_docs, args.eval_samples, args.seq_len)
@@ -175,7 +236,7 @@ def run_model(name: str, path: Path, args) -> dict:
            "calibration": {"metric": "frobenius", "tokens": int(cal.numel()), "seconds": round(cal_s, 2)},
            "diagnostics": diag, "eval_tokens": int(ref.mask[:args.seeds * args.per_seed].sum()),
            "eval_sequences": int(ev.shape[0]), "per_seed": args.per_seed,
-           "batches": [], "rows": []}
+           "methods": list(args.methods), "fractions": list(args.fractions), "batches": [], "rows": []}
     # Seeds: each seed owns its own slice of the held-out sequences (args.per_seed of them, every token
     # scored once) and draws which of them share a decode batch, and random's choices.
     # A batch of B needs at least B sequences per seed: seeds own max(per_seed, B) sequences.
@@ -192,12 +253,12 @@ def run_model(name: str, path: Path, args) -> dict:
         per_s = distinct_by_s(routing, b, order, num_experts)
         ref_experts = per_s[-1]
         fracs = [v / ref_experts for v in per_s]
-        s_set = s_values_for(fracs, FRACTIONS)
+        s_set = s_values_for(fracs, args.fractions)
         acc: dict[str, dict[int, dict]] = {m: {} for m in args.methods}
         for m in args.methods:
             for s in s_set:
-                r = score(model, ev, transform_for(m, s, red.matrices, num_experts, seed=b, routed=routed), ref,
-                          batch_size=b, order=order)
+                r = score(model, ev, transform_for(m, s, red.matrices, num_experts, seed=b, routed=routed,
+                                                   ea=args.ea_default), ref, batch_size=b, order=order)
                 acc[m][s] = {"kl": r["kl"], "agree": r["agree"], "experts": r["experts"]}
         unmod = {"kl": torch.zeros_like(tokens_per_seq), "agree": tokens_per_seq, "experts": ref_experts}
         points = []
@@ -209,20 +270,31 @@ def run_model(name: str, path: Path, args) -> dict:
         res["batches"].append({"batch": b, "tokens": int(tokens_per_seq.sum()), "sequences": int(used.sum()),
                                "unmodified_experts": ref_experts, "topS_fracs_unmodified": fracs,
                                "S_evaluated": s_set, "points": points, "seconds": round(time.time() - tb, 1)})
-        for f in FRACTIONS:
+        for f in args.fractions:
             mixed = {m: interpolate(acc[m], f * ref_experts, unmod) for m in args.methods}
-            if any(v is None for v in mixed.values()):
+            gone = [m for m, v in mixed.items() if v is None]     # e.g. a keep variant above the target
+            if gone:
+                res.setdefault("unreachable", []).append({"batch": b, "experts_frac": f, "methods": gone})
+            mixed = {m: v for m, v in mixed.items() if v is not None}
+            if not any(o in DEPLOYABLE and not is_error_aware(o) for o in mixed):
                 continue
             mean_kl = {m: float(v[0]["kl"].sum() / tokens_per_seq.sum()) for m, v in mixed.items()}
             for m, (vals, how) in mixed.items():
-                others = [o for o in args.methods if o != m and o in DEPLOYABLE]
+                # An error-aware method is compared with the best deployable method that is not
+                # error-aware (the baselines and the paper's rule); the others with the best deployable
+                # method among the standard ones (variants error_aware_* left out).
+                if is_error_aware(m):
+                    others = [o for o in args.methods if is_deployable(o) and not is_error_aware(o)]
+                else:
+                    others = [o for o in args.methods if o != m and o in DEPLOYABLE]
                 best = min(others, key=lambda o: mean_kl[o])
                 est, lo, hi = paired_bootstrap((mixed[best][0]["kl"] - vals["kl"])[used], tokens_per_seq[used],
                                                n_boot=args.boot, seed=b)
                 res["rows"].append({"model": name, "batch": b, "experts_frac": f, "method": m,
                                     "kl": mean_kl[m], "top1": float(vals["agree"].sum() / tokens_per_seq.sum()),
                                     "seeds": args.seeds, "tokens": int(tokens_per_seq.sum()), "best_other": best,
-                                    "kl_gain": est, "kl_gain_ci95": [lo, hi], **how})
+                                    "kl_gain": est, "kl_gain_ci95": [lo, hi], **how,
+                                    **({"error_aware": ea_settings(m, args.ea_default)} if is_error_aware(m) else {})})
             if "random" in mixed and "oracle" in mixed:
                 est, lo, hi = paired_bootstrap((mixed["random"][0]["kl"] - mixed["oracle"][0]["kl"])[used],
                                                tokens_per_seq[used], n_boot=args.boot, seed=b + 1)
@@ -246,7 +318,7 @@ def print_tables(res: dict) -> None:
         print(f"\nB={b}: KL(ref||method) x1e3 [95% CI of gain vs best other]  (top-1)")
         fr = sorted({r["experts_frac"] for r in rows if r["batch"] == b})
         print("  " + f"{'method':<26}" + "".join(f"{f'{f:.0%} active':>34}" for f in fr))
-        for m in METHODS:
+        for m in res.get("methods", METHODS):
             cells = []
             for f in fr:
                 r = next((r for r in rows if r["batch"] == b and r["experts_frac"] == f and r["method"] == m), None)
@@ -256,7 +328,7 @@ def print_tables(res: dict) -> None:
                 lo, hi = r["kl_gain_ci95"]
                 mark = "+" if lo > 0 else ("-" if hi < 0 else "~")
                 cells.append(f"{r['kl'] * 1e3:>8.2f} [{lo * 1e3:+6.2f},{hi * 1e3:+6.2f}]{mark} ({r['top1']:.3f})")
-            print(f"  {LABELS[m]:<26}" + "".join(f"{c:>34}" for c in cells))
+            print(f"  {label(m):<26}" + "".join(f"{c:>34}" for c in cells))
     for h in res.get("headroom", []):
         print(f"  headroom B={h['batch']} {h['experts_frac']:.0%}: random - oracle KL = {h['random_minus_oracle_kl'] * 1e3:.2f}e-3 "
               f"[{h['ci95'][0] * 1e3:.2f}, {h['ci95'][1] * 1e3:.2f}]")
@@ -272,12 +344,12 @@ def plot(res: dict, path: Path) -> None:
     for j, b in enumerate(bs):
         ax = axes[0][j]
         pts = next(bb["points"] for bb in res["batches"] if bb["batch"] == b)
-        for m in METHODS:
+        for m in res.get("methods", METHODS):
             mp = sorted([p for p in pts if p["method"] == m], key=lambda p: p["experts_frac"])
             if mp:
                 ax.plot([p["experts_frac"] for p in mp], [max(p["kl"], 1e-6) for p in mp], marker="o", ms=3,
-                        label=LABELS[m], ls="--" if m == "oracle" else "-")
-        for f in FRACTIONS:
+                        label=label(m), ls="--" if m == "oracle" else ("-" if m in METHODS else ":"))
+        for f in res.get("fractions", FRACTIONS):
             ax.axvline(f, color="grey", lw=0.5, ls=":")
         ax.set_yscale("log")
         ax.set_title(f"B = {b}")
@@ -301,7 +373,23 @@ def _uptime() -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), type=method_arg,
+                   help="methods to run; error-aware variants as error_aware_<count|router>_<keep|drop|renorm>_t<g>")
+    p.add_argument("--fractions", nargs="+", type=float, default=list(FRACTIONS),
+                   help="active-expert fractions to report (e.g. 0.5 0.625); only the S values they need run")
+    p.add_argument("--ea-weighting", choices=EA_WEIGHTINGS, default=EA_DEFAULT["weighting"],
+                   help="routed-token weighting of the `error_aware` method's C, N")
+    p.add_argument("--ea-unmatched", choices=EA_UNMATCHED, default=EA_DEFAULT["unmatched"],
+                   help="what the `error_aware` method does with a slot no primary reaches the threshold for")
+    p.add_argument("--ea-threshold", type=float, default=EA_DEFAULT["threshold"],
+                   help="gain threshold of the `error_aware` method")
+    p.add_argument("--ea-keep-sum", action="store_true",
+                   help="`error_aware`: the weight a token loses (w(1-a) of moved slots, dropped slots) goes to its "
+                        "own kept slots, so its weights keep their sum (prototype, eval.baselines only)")
+    p.add_argument("--ea-variants", nargs="+", type=method_arg, default=[],
+                   help="error-aware variants to add to --methods (error_aware_<weighting>_<unmatched>_t<g>)")
+    p.add_argument("--ea-grid", nargs="*", type=float, default=None, metavar="THRESHOLD",
+                   help="add every weighting x unmatched variant at these gain thresholds (default 0 0.1 0.3 0.5)")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 16, 32, 64])
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--per-seed", type=int, default=32, help="held-out sequences per seed, at least B (each scored once)")
@@ -319,13 +407,21 @@ def main(argv=None) -> int:
     if bad:
         p.error(f"--batch-sizes {bad} must divide --per-seed ({args.per_seed}) or exceed it")
     args.eval_samples = args.seeds * max([args.per_seed] + args.batch_sizes)
+    args.ea_default = {"weighting": args.ea_weighting, "unmatched": args.ea_unmatched, "threshold": args.ea_threshold,
+                       "keep_sum": args.ea_keep_sum}
+    extra = list(args.ea_variants) + (ea_grid(args.ea_grid or [0.0, 0.1, 0.3, 0.5]) if args.ea_grid is not None else [])
+    args.methods = list(dict.fromkeys(list(args.methods) + extra))
+    args.fractions = sorted(set(args.fractions))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t0 = time.time()
     out = {"benchmark": "fidelity", "command": "python " + " ".join(["benchmarks/bench_fidelity.py"] + sys.argv[1:]),
            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
            "uptime_before": _uptime(), "batch_sizes": args.batch_sizes, "seq_len": args.seq_len, "seeds": args.seeds,
-           "fractions": list(FRACTIONS), "methods": list(args.methods), "models": []}
+           "fractions": list(args.fractions), "methods": list(args.methods),
+           "error_aware_default": args.ea_default,
+           "error_aware_settings": {m: ea_settings(m, args.ea_default) for m in args.methods if is_error_aware(m)},
+           "models": []}
     for name in args.models:
         path = MODELS[name]
         if not (path / "config.json").exists():

@@ -11,7 +11,9 @@ returns them (top-k of a softmax, already in weight order), float32 similarity, 
   op_counters:     `core.native.route_fast` (one `sere_dist::route` call incl. its Python dispatch) with
                    the int64 counters updated in place
   op_no_counters:  the same with counters off (`count_every: 0`)
-Each measurement is the mean over `calls` back-to-back calls; arms run interleaved A B C D D C B A per
+  op_ea_drop:      the error-aware rule in the same op (`scale` [E, E] float32, the similarity as the gain
+                   matrix and rho as the gain threshold, `unmatched: drop`), with counters
+Each measurement is the mean over `calls` back-to-back calls; arms run interleaved A B C D E E D C B A per
 repeat (so drift from the other jobs on the machine hits every arm alike), and the table gives the
 median over repeats. One torch thread, as vLLM-CPU's worker on a 2-core machine. `uptime` before and
 after goes into the JSON.
@@ -38,7 +40,7 @@ from sere_dist.core.reroute import route, used_experts  # noqa: E402
 
 E, K, S, RHO = 128, 8, 2, 0.3
 TOKENS = (1, 16, 64)
-ARMS = ("old_counters", "old_no_counters", "op_counters", "op_no_counters")
+ARMS = ("old_counters", "old_no_counters", "op_counters", "op_no_counters", "op_ea_drop")
 
 
 def old_hook(ids, weights, sim, valid, counts):
@@ -61,6 +63,17 @@ def new_hook(ids, weights, sim, valid, counts):
     return native.route_fast(ids, weights, sim, S, RHO, valid, counts=counts)
 
 
+_SCALE = {}
+
+
+def error_aware_hook(ids, weights, sim, valid, counts):
+    """The error-aware arm: `sim` stands in for the gain matrix, a fixed random float32 scale."""
+    scale = _SCALE.get(sim.shape[0])
+    if scale is None:
+        scale = _SCALE[sim.shape[0]] = torch.rand(sim.shape, generator=torch.Generator().manual_seed(1)) + 0.5
+    return native.route_fast(ids, weights, sim, S, RHO, valid, counts=counts, scale=scale, unmatched="drop")
+
+
 def batch(t: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(t, E, generator=g) - torch.linspace(0, 4, E)   # skewed: tokens share experts
@@ -72,8 +85,8 @@ def batch(t: int, seed: int):
 
 
 def time_arm(arm: str, args, calls: int) -> float:
-    fn = old_hook if arm.startswith("old") else new_hook
-    counts = torch.zeros(5, dtype=torch.int64) if arm.endswith("_counters") and "no_" not in arm else None
+    fn = old_hook if arm.startswith("old") else error_aware_hook if arm.startswith("op_ea") else new_hook
+    counts = None if "no_" in arm else torch.zeros(5, dtype=torch.int64)
     for _ in range(20):
         fn(*args, counts)
     t0 = time.perf_counter()
@@ -107,6 +120,12 @@ def main() -> int:
         ref_ids, ref_w, ref_c = route(args[0], args[1], args[2], S, RHO, args[3])
         assert torch.equal(ids_old, ids_new) and torch.equal(ids_new, ref_ids) and torch.equal(w_new, ref_w)
         assert torch.equal(c_old, c_new) and torch.equal(c_new, ref_c)
+        c_ea = torch.zeros(5, dtype=torch.int64)
+        ea_ids, ea_w = error_aware_hook(*args, c_ea)
+        want_ea = route(args[0], args[1], args[2], S, RHO, args[3], scale=_SCALE[E], unmatched="drop")
+        assert torch.equal(ea_ids, want_ea[0]) and torch.equal(ea_w, want_ea[1]) and torch.equal(c_ea, want_ea[2])
+        assert native._route_path(args[0], args[1], args[2], args[3], None, c_ea, None, _SCALE[E], "paper",
+                                  "drop") == "cpp"
         samples: dict[str, list[float]] = {arm: [] for arm in ARMS}
         for _ in range(a.repeats):
             for arm in ARMS + ARMS[::-1]:
@@ -116,21 +135,25 @@ def main() -> int:
                      **{f"{arm}_us": round(med[arm], 2) for arm in ARMS},
                      "speedup_counters": round(med["old_counters"] / med["op_counters"], 2),
                      "speedup_no_counters": round(med["old_no_counters"] / med["op_no_counters"], 2),
+                     "ea_drop_over_op_counters": round(med["op_ea_drop"] / med["op_counters"], 2),
+                     "ea_distinct_after": int(want_ea[2][1]), "ea_changed_slots": int(want_ea[2][2]),
                      "samples_us": {arm: [round(x, 2) for x in v] for arm, v in samples.items()},
                      "distinct_before": int(ref_c[0]), "distinct_after": int(ref_c[1])})
     up_after = uptime()
     print(f"hook cost per MoE layer call, us (median of {2 * a.repeats} interleaved runs x {a.calls} calls, "
           f"1 thread; E={E} k={K} S={S} rho={RHO})")
-    print(f"{'T':>4} {'old+count':>10} {'old':>8} {'op+count':>9} {'op':>8} {'x (count)':>10} {'x (none)':>9}")
+    print(f"{'T':>4} {'old+count':>10} {'old':>8} {'op+count':>9} {'op':>8} {'x (count)':>10} {'x (none)':>9} "
+          f"{'ea drop+count':>14}")
     for r in rows:
         print(f"{r['T']:>4} {r['old_counters_us']:>10.1f} {r['old_no_counters_us']:>8.1f} {r['op_counters_us']:>9.1f} "
-              f"{r['op_no_counters_us']:>8.1f} {r['speedup_counters']:>10.1f} {r['speedup_no_counters']:>9.1f}")
+              f"{r['op_no_counters_us']:>8.1f} {r['speedup_counters']:>10.1f} {r['speedup_no_counters']:>9.1f} "
+              f"{r['op_ea_drop_us']:>14.1f}")
     print(f"uptime before: {up_before}\nuptime after:  {up_after}")
     out = {"benchmark": "hook", "date": dt.datetime.now().isoformat(timespec="seconds"),
            "machine": {"platform": platform.platform(), "processor": platform.processor(),
                        "torch": torch.__version__, "threads": 1},
            "uptime_before": up_before, "uptime_after": up_after,
-           "repeats": a.repeats, "calls": a.calls, "order": "A B C D D C B A per repeat", "rows": rows}
+           "repeats": a.repeats, "calls": a.calls, "order": "A B C D E E D C B A per repeat", "rows": rows}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {a.out}")

@@ -23,8 +23,8 @@ as time. Where `_grouped_mm` is unavailable a per-expert loop (host sync, eager)
 
 Part 3, the vLLM hook op (`core.native.route_fast` -> `sere_dist::route`: order by weight, re-route,
 restore the order, counters in place). Parity: random cases of every rule (tests/cuda_emu.py's
-`random_route_case`) on the GPU against the torch spec `core.reroute.route`, bit for bit, counters
-included; CUDA graph: the op captured with counters and a count gate, replayed on fresh ids, gives
+`random_route_case`, every other case the error-aware rule: `random_error_aware_case`) on the GPU against
+the torch spec `core.reroute.route`, bit for bit, counters included; CUDA graph: the op captured with counters and a count gate, replayed on fresh ids, gives
 the spec's ids and weights and the summed counters. Timings (E = 128, k = 8, S = 2, rho = 0.3; T in
 {1, 16, 64, 256}; eager and CUDA-graph replay): the op with counters, without, and the pre-issue-13
 hook (sort, gather, re-route kernel, scatter, ~25 torch ops of counting) for comparison.
@@ -267,28 +267,31 @@ def _route_case_to(case: dict, device: str) -> dict:
 
 
 def check_route_parity(cases: int = 300, seed: int = 13) -> dict:
-    """The hook op on the GPU gives the torch spec's ids, weights and counters bit for bit (every rule)."""
+    """The hook op on the GPU gives the torch spec's ids, weights and counters bit for bit (every rule; every
+    other case is an error-aware one: scale, keep / drop / renorm)."""
     import random
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.cuda_emu import random_route_case, route_reference, same_bits
+    from tests.cuda_emu import random_error_aware_case, random_route_case, route_reference, same_bits
 
     rng = random.Random(seed)
     bad, paths = [], {}
     for i in range(cases):
-        case = random_route_case(rng, max_t=2048)
+        case = random_error_aware_case(rng, max_t=2048) if i % 2 else random_route_case(rng, max_t=2048)
         want_ids, want_w, want_c = route_reference(case)
         g = _route_case_to(case, "cuda")
         counts = torch.zeros(5, dtype=torch.int64, device="cuda")
-        path = native._route_path(g["ids"], g["weights"], g["sim"], g["valid"], g["expert_ranks"], counts, None)
+        path = native._route_path(g["ids"], g["weights"], g["sim"], g["valid"], g["expert_ranks"], counts, None,
+                                  g.get("scale"), g["rule"], g.get("unmatched", "keep"))
         paths[path] = paths.get(path, 0) + 1
         ids, w = native.route_fast(g["ids"], g["weights"], g["sim"], g["s"], g["rho"], g["valid"], rule=g["rule"],
                                    expert_ranks=g["expert_ranks"], merge_duplicates=g["merge_duplicates"],
-                                   counts=counts)
+                                   counts=counts, scale=g.get("scale"), unmatched=g.get("unmatched", "keep"))
         ok = same_bits(ids.cpu(), want_ids) and same_bits(w.cpu(), want_w) and torch.equal(counts.cpu(), want_c)
         if not ok:
             bad.append({"case": i, "rule": case["rule"], "T": int(case["ids"].shape[0]), "E": int(case["sim"].shape[0]),
-                        "k": int(case["ids"].shape[1]), "merge": case["merge_duplicates"], "path": path})
+                        "k": int(case["ids"].shape[1]), "merge": case["merge_duplicates"], "path": path,
+                        "unmatched": case.get("unmatched")})
     print(f"route parity on the GPU: {cases - len(bad)}/{cases} cases bit-identical to the torch spec; paths {paths}",
           flush=True)
     for b in bad[:10]:

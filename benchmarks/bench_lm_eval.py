@@ -57,6 +57,13 @@ def variants(with_top_s: bool) -> dict[str, dict[str, Any] | None]:
     if with_top_s:
         out["tiny-top-s1"] = dict(SERE_BASE, select_top_k=1, mode="top_s")
         out["tiny-top-s2"] = dict(SERE_BASE, select_top_k=2, mode="top_s")
+    # the error-aware rule with its defaults (gain threshold, unmatched, weighting: SereConfig's), written out
+    from sere_dist.core.config import SereConfig
+    d = SereConfig()
+    ea = {"artifact": "default", "mode": "error_aware", "gain_threshold": d.gain_threshold, "unmatched": d.unmatched,
+          "gain_weighting": d.gain_weighting}
+    out["tiny-ea-s1"] = dict(ea, select_top_k=1)
+    out["tiny-ea-s2"] = dict(ea, select_top_k=2)
     return out
 
 
@@ -225,8 +232,12 @@ def _pm(m: dict[str, Any], nd: int = 3, signed: bool = False) -> str:
 def _rule(sere: dict[str, Any] | None) -> str:
     if sere is None:
         return "off"
-    name = {"paper": "paper", "top_s": "naive top-S", "rank_aware": "rank-aware"}[sere.get("mode", "paper")]
-    rho = f", rho {sere['threshold']:g}" if sere.get("mode", "paper") != "top_s" else ""
+    mode = sere.get("mode", "paper")
+    name = {"paper": "paper", "top_s": "naive top-S", "rank_aware": "rank-aware", "error_aware": "error-aware"}[mode]
+    if mode == "error_aware":
+        return (f"{name}, S {sere['select_top_k']}, gain >= {sere['gain_threshold']:g}, unmatched "
+                f"{sere['unmatched']}, {sere['gain_weighting']}-weighted")
+    rho = f", rho {sere['threshold']:g}" if mode != "top_s" else ""
     return f"{name}, S {sere['select_top_k']}{rho}"
 
 

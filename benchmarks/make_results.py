@@ -69,7 +69,7 @@ def cmd_line(d: dict, fallback: str) -> str:
 
 def fidelity_section(d: dict, title: str = "Fidelity at equal active experts (SERE, the baselines, the oracle bound)",
                      stem: str = "fidelity") -> tuple[str, list[str]]:
-    from bench_fidelity import DEPLOYABLE, LABELS, METHODS
+    from bench_fidelity import METHODS, is_deployable, label
 
     lines = [f"## {title}", "",
              cmd_line(d, "python benchmarks/bench_fidelity.py") + f" ({d.get('wall_s', '?')} s; load "
@@ -108,8 +108,8 @@ def fidelity_section(d: dict, title: str = "Fidelity at equal active experts (SE
                          f"per batch)")
             lines.append("")
             out = []
-            for meth in METHODS:
-                row = [LABELS[meth]]
+            for meth in d.get("methods") or METHODS:
+                row = [label(meth)]
                 for f in fr:
                     r = next((r for r in rows_b if r["experts_frac"] == f and r["method"] == meth), None)
                     if r is None:
@@ -123,7 +123,7 @@ def fidelity_section(d: dict, title: str = "Fidelity at equal active experts (SE
             lines.append("")
             for f in fr:
                 cell = {r["method"]: r for r in rows_b if r["experts_frac"] == f}
-                dep = {k: v for k, v in cell.items() if k in DEPLOYABLE}
+                dep = {k: v for k, v in cell.items() if is_deployable(k)}
                 if not dep:
                     continue
                 best = min(dep.values(), key=lambda r: r["kl"])
@@ -148,7 +148,7 @@ def fidelity_section(d: dict, title: str = "Fidelity at equal active experts (SE
                  for b, f in sorted({(r["batch"], r["experts_frac"]) for r in m["rows"]})]
         pairs = [(a, b) for a, b in pairs if a and b]
         beats_random = sum(a["kl"] < b["kl"] for a, b in pairs)
-        summary = ", ".join(f"{LABELS.get(k, k)} {v}" for k, v in sorted(wins.items(), key=lambda kv: -kv[1]))
+        summary = ", ".join(f"{label(k) if k != '(no clear winner)' else k} {v}" for k, v in sorted(wins.items(), key=lambda kv: -kv[1]))
         verdicts.append(f"**{m['model']}** ({m['num_experts']} experts top-{m['top_k']}): lowest KL with the interval "
                         f"excluding zero, over {cells} (batch, active fraction) cells: {summary}. The paper's rule "
                         + (f"loses significantly in {len(sere_loses)} of {cells} cells ({', '.join(sere_loses[:6])}"
@@ -173,13 +173,17 @@ def headline(results: dict[str, dict]) -> dict:
         if ea and ea.get("models"):             # the error-aware rule's own run (its own evaluation set)
             out["fidelity"] += [{**{k: r[k] for k in ("model", "batch", "experts_frac", "method", "kl", "top1",
                                                       "seeds", "kl_gain_ci95")}, "run": "fidelity_error_aware"}
-                                for m in ea["models"] for r in m["rows"] if r["method"] == "error_aware"]
+                                for m in ea["models"] for r in m["rows"] if "error_aware" in r["method"]]
             out["fidelity_error_aware_command"] = ea.get("command")
-    for key in ("tpot_cpu", "hook_overhead_batch1", "tpot_gpu"):
+    for key in ("tpot_cpu", "hook_overhead_batch1", "tpot_gpu", "traffic_ep16_s2"):
         for d in results.values():
-            if isinstance(d, dict) and key in d.get("headline", {}):
-                out[key] = d["headline"][key]
+            if isinstance(d, dict) and key in d.get("headline", {}) and key not in out:
+                out[key] = d["headline"][key]       # the first file in name order (traffic.json before its variants)
     return out
+
+
+ARM_LABELS = {"none": "none", "paper": "paper", "rank_aware": "rank-aware", "error_aware_drop": "error-aware",
+              "error_aware_drop_rank_aware": "error-aware + rank-aware"}
 
 
 def traffic_section(d: dict) -> tuple[str, list[str]]:
@@ -197,30 +201,47 @@ def traffic_section(d: dict) -> tuple[str, list[str]]:
     for st in d["settings"]:
         lines.append(f"**SERE S = {st['S']}, rho = {st['rho']}**")
         lines.append("")
+        arms = [a for a in ("none", "paper", "rank_aware", "error_aware_drop", "error_aware_drop_rank_aware")
+                if a in st["rows"][0]["routings"]]
         rows = []
         for row in st["rows"]:
             r = row["routings"]
-            ht = [r[x]["deepep_high_throughput"] for x in ("none", "paper", "rank_aware")]
-            ll = [r[x]["deepep_low_latency"] for x in ("none", "paper", "rank_aware")]
-            base = ht[0]["dispatch_bytes_per_step"]
-            rows.append([str(row["ep"]), str(row["tokens_per_step"]),
-                         f"{ht[0]['ranks_per_token']:.2f}", f"{ht[1]['ranks_per_token']:.2f}",
-                         f"{ht[2]['ranks_per_token']:.2f}",
-                         f"{base / 1e3:.0f}", f"{ht[1]['dispatch_bytes_per_step'] / 1e3:.0f} "
-                         f"({1 - ht[1]['dispatch_bytes_per_step'] / base:.1%})",
-                         f"{ht[2]['dispatch_bytes_per_step'] / 1e3:.0f} "
-                         f"({1 - ht[2]['dispatch_bytes_per_step'] / base:.1%})",
-                         f"{ll[0]['dispatch_bytes_per_step'] / 1e3:.0f} / {ll[2]['dispatch_bytes_per_step'] / 1e3:.0f}",
-                         f"{r['none']['allgather_reducescatter']['dispatch_bytes_per_step'] / 1e3:.0f}"])
+            ht = {a: r[a]["deepep_high_throughput"] for a in arms}
+            base = ht["none"]["dispatch_bytes_per_step"]
+            cells = [str(row["ep"]), str(row["tokens_per_step"]),
+                     " / ".join(f"{ht[a]['ranks_per_token']:.2f}" for a in arms), f"{base / 1e3:.0f}"]
+            cells += [f"{ht[a]['dispatch_bytes_per_step'] / 1e3:.0f} ({1 - ht[a]['dispatch_bytes_per_step'] / base:.1%})"
+                      for a in arms[1:]]
+            cells += [f"{r['none']['deepep_low_latency']['dispatch_bytes_per_step'] / 1e3:.0f} / "
+                      f"{r[arms[-1]]['deepep_low_latency']['dispatch_bytes_per_step'] / 1e3:.0f}",
+                      f"{r['none']['allgather_reducescatter']['dispatch_bytes_per_step'] / 1e3:.0f}"]
+            rows.append(cells)
             if row["ep"] in (8, 16):
-                notes.append(f"EP={row['ep']}, S={st['S']} rho={st['rho']}: DeepEP-HT dispatch bytes -"
-                             f"{1 - ht[1]['dispatch_bytes_per_step'] / base:.1%} (paper rule), "
-                             f"-{1 - ht[2]['dispatch_bytes_per_step'] / base:.1%} (rank-aware); ranks/token "
-                             f"{ht[0]['ranks_per_token']:.2f} → {ht[1]['ranks_per_token']:.2f} / "
-                             f"{ht[2]['ranks_per_token']:.2f}")
-        lines.append(table(["EP", "tokens/step", "ranks/token none", "paper", "rank-aware", "HT dispatch KB none",
-                            "paper (saved)", "rank-aware (saved)", "LL KB none / rank-aware", "AgRs KB (any)"], rows))
+                notes.append(f"EP={row['ep']}, S={st['S']} rho={st['rho']} ({d.get('model_name', 'tiny')}): DeepEP-HT "
+                             "dispatch bytes " + ", ".join(
+                                 f"-{1 - ht[a]['dispatch_bytes_per_step'] / base:.1%} ({ARM_LABELS[a]})"
+                                 for a in arms[1:]))
+        lines.append(table(["EP", "tokens/step", "ranks/token " + " / ".join(ARM_LABELS[a] for a in arms),
+                            "HT dispatch KB none"] + [f"{ARM_LABELS[a]} (saved)" for a in arms[1:]]
+                           + [f"LL KB none / {ARM_LABELS[arms[-1]]}", "AgRs KB (any)"], rows))
         lines.append("")
+    if (d.get("headline") or {}).get("traffic_ep16_s2"):
+        hr = d["headline"]["traffic_ep16_s2"]
+        lines.append("EP = 16, S = 2, every model measured: DeepEP-HT dispatch bytes saved and the fidelity cost "
+                     "(KL vs unmodified, top-1 agreement) of each rule; *dominates* = fewer bytes and lower KL, "
+                     "the KL difference's paired 95% interval excluding zero.")
+        lines.append("")
+        lines.append(table(["model", "rule", "threshold", "bytes saved", "KL", "top-1", "dominates"],
+                           [[h["model"], h["rule"], "–" if h["threshold"] is None else f"{h['threshold']:g}",
+                             f"{h['bytes_saving']:.1%}", f"{h['kl']:.5f}", f"{h['top1']:.4f}",
+                             ", ".join(h.get("dominates_significant") or []) or "–"] for h in hr]))
+        lines.append("")
+        for m in sorted({h["model"] for h in hr}):
+            best = max((h for h in hr if h["model"] == m), key=lambda h: h["bytes_saving"])
+            notes.append(f"Traffic EP=16 S=2 on {m} ({d.get('ea_threshold', 0):g} gain threshold): most bytes saved by "
+                         f"{best['rule']} ({best['bytes_saving']:.1%}, KL {best['kl']:.5f}); paper rule "
+                         + next((f"{h['bytes_saving']:.1%} (KL {h['kl']:.5f})" for h in hr
+                                 if h["model"] == m and h["rule"] == "paper"), "–"))
     for st in d["settings"]:
         fr = [r for r in d.get("fidelity", []) if r["S"] == st["S"] and r["rho"] == st["rho"]]
         if fr:
@@ -445,8 +466,7 @@ def main() -> int:
         stem = path.stem
         try:
             if stem == "fidelity_error_aware":
-                sec, n = fidelity_section(d, "Fidelity of the error-aware rule (issue 15, torch reference) at "
-                                             "B = 16 and 32", stem)
+                sec, n = fidelity_section(d, "Fidelity of the error-aware rule (issue 15) at B = 16 and 32", stem)
             elif stem.startswith("fidelity"):
                 sec, n = fidelity_section(d)
             elif stem.startswith("traffic"):

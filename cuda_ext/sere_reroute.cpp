@@ -1,5 +1,5 @@
-// SERE re-routing: the C++ CPU kernel and the torch custom ops `sere_dist::reroute` (returns new
-// ids) and `sere_dist::reroute_` (in place). The CUDA kernel lives in sere_reroute_cuda.cu and is
+// SERE re-routing: the C++ CPU kernels and the torch custom ops `sere_dist::reroute` (returns new
+// ids), `sere_dist::reroute_` (in place) and `sere_dist::route` (the whole hook). The CUDA kernel lives in sere_reroute_cuda.cu and is
 // registered here when the extension is built with SERE_WITH_CUDA. Semantics: sere_reroute.h.
 //
 // CPU kernel: primary flags from the valid tokens' top-S slots; then the table M[e], only the rows the
@@ -192,7 +192,9 @@ void reroute_cpu_kernel(const Id* ids, Id* out, const Sim* sim, const bool* vali
 // Per call: (1) each token's slot order by weight (stable, largest first; a row already in order costs
 // k - 1 compares), recomputed in each pass instead of stored; (2) primaries; (3) table rows on demand
 // (paper rows as above; rank-aware rows: the best passing primary per rank); (4) per token: the rule,
-// top-S or merge on the ordered slots, written back in the router's slot order; (5) counters.
+// the error-aware weights (with `scale`: moved slots scaled, unmatched ones kept, dropped or dropped with
+// renormalisation), top-S or merge on the ordered slots, written back in the router's slot order;
+// (5) counters.
 // Serial: a decode batch takes a few microseconds, and forking threads would cost more.
 
 // torch.sort(descending=True, stable=True): NaN first, then larger values; ties keep slot order.
@@ -231,7 +233,7 @@ struct Bits {  // E <= 512 experts
 template <typename Id, typename W, typename Sim>
 void route_cpu_kernel(const Id* ids, const W* wts, Id* out_ids, W* out_w, const Sim* sim, const bool* valid,
                       const bool* ranks, int num_ranks, int64_t num_tokens, int k, int s, int num_experts, float rho,
-                      int rule, bool merge, int64_t* counts) {
+                      int rule, bool merge, const float* scale, int unmatched, int64_t* counts) {
   const auto in_range = [num_experts](Id e) { return static_cast<uint64_t>(e) < static_cast<uint64_t>(num_experts); };
   const bool top_s = rule == sere::kRuleTopS;
   const bool rank_aware = rule == sere::kRuleRankAware;
@@ -347,6 +349,7 @@ void route_cpu_kernel(const Id* ids, const W* wts, Id* out_ids, W* out_w, const 
       }
       rerouted += k - s;
     } else {
+      uint32_t off = 0, moved = 0;  // ordered slots: secondary of a non-primary expert / moved by the rule
       uint64_t visited = 0;
       if (rank_aware && s < k)
         for (int j = 0; j < s; ++j)
@@ -354,6 +357,7 @@ void route_cpu_kernel(const Id* ids, const W* wts, Id* out_ids, W* out_w, const 
       for (int j = s; j < k; ++j) {
         const Id e = sid[j];
         if (!in_range(e) || primary[e]) continue;
+        off |= 1u << j;
         int16_t to = paper(static_cast<int>(e));
         if (rank_aware) {
           rank_row(static_cast<int>(e));
@@ -371,7 +375,36 @@ void route_cpu_kernel(const Id* ids, const W* wts, Id* out_ids, W* out_w, const 
         }
         if (static_cast<Id>(to) != e) {
           sid[j] = static_cast<Id>(to);
+          moved |= 1u << j;
           ++rerouted;
+        }
+      }
+      if (scale != nullptr) {  // the error-aware rule (sere_reroute.h): scale, drop or renormalise
+        const Id first = sid[0];
+        const bool renorm = unmatched == sere::kUnmatchedRenorm;
+        float total = 0.0f, part = 0.0f;
+        for (int j = 0; j < k; ++j) {
+          const float w0 = sw[j];
+          const uint32_t bit = 1u << j;
+          const bool drop = unmatched != sere::kUnmatchedKeep && (off & bit) && !(moved & bit);
+          if (renorm) {
+            const float c = drop ? 0.0f : w0;
+            total = j == 0 ? w0 : total + w0;
+            part = j == 0 ? c : part + c;
+          }
+          if (moved & bit) {
+            sw[j] = w0 * scale[static_cast<int64_t>(row[order[j]]) * num_experts + static_cast<int64_t>(sid[j])];
+          } else if (drop) {
+            sid[j] = first;
+            sw[j] = 0.0f;
+            kept[j] = false;
+            ++rerouted;
+          }
+        }
+        if (renorm) {
+          const float r = total / std::max(part, 1e-12f);  // NaN stays NaN, as torch's clamp
+          for (int j = 0; j < k; ++j)
+            if (kept[j]) sw[j] = sw[j] * r;
         }
       }
     }
@@ -486,7 +519,8 @@ void reroute_cpu_(Tensor& topk_ids, const Tensor& sim, int64_t s, double thresho
 
 void check_route_inputs(const Tensor& ids, const Tensor& w, const Tensor& sim, int64_t s,
                         const std::optional<Tensor>& valid, const std::optional<Tensor>& ranks,
-                        const std::optional<Tensor>& counts, const std::optional<Tensor>& gate, int64_t rule) {
+                        const std::optional<Tensor>& counts, const std::optional<Tensor>& gate, int64_t rule,
+                        const std::optional<Tensor>& scale, int64_t unmatched) {
   check_inputs(ids, sim, s, valid);
   TORCH_CHECK(w.sizes() == ids.sizes(), "sere_dist::route: topk_weights must be ", ids.sizes(), ", got ", w.sizes());
   TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf,
@@ -516,6 +550,19 @@ void check_route_inputs(const Tensor& ids, const Tensor& w, const Tensor& sim, i
                 gate->sizes());
     TORCH_CHECK(gate->device() == ids.device(), "sere_dist::route: count_gate on ", gate->device());
   }
+  TORCH_CHECK(unmatched >= sere::kUnmatchedKeep && unmatched <= sere::kUnmatchedRenorm,
+              "sere_dist::route: unmatched must be 0 (keep), 1 (drop) or 2 (renorm), got ", unmatched);
+  if (scale.has_value()) {
+    TORCH_CHECK(rule != sere::kRuleTopS,
+                "sere_dist::route: scale (the error-aware rule) needs rule 0 (paper) or 1 (rank_aware), got rule 2 "
+                "(top_s)");
+    TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->dim() == 2 && scale->size(0) == sim.size(0) &&
+                    scale->size(1) == sim.size(0),
+                "sere_dist::route: scale must be float32 [E, E] with E = ", sim.size(0), ", got ",
+                scale->scalar_type(), " ", scale->sizes());
+    TORCH_CHECK(scale->device() == ids.device(), "sere_dist::route: scale on ", scale->device(), ", topk_ids on ",
+                ids.device());
+  }
 }
 
 template <typename F>
@@ -531,13 +578,15 @@ void with_weight_type(at::ScalarType t, F&& f) {
 std::tuple<Tensor, Tensor> route_cpu(const Tensor& topk_ids, const Tensor& topk_weights, const Tensor& sim_in,
                                      const std::optional<Tensor>& valid_in, const std::optional<Tensor>& ranks_in,
                                      const std::optional<Tensor>& counts, const std::optional<Tensor>& gate,
-                                     int64_t s, double threshold, int64_t rule, bool merge) {
-  check_route_inputs(topk_ids, topk_weights, sim_in, s, valid_in, ranks_in, counts, gate, rule);
+                                     int64_t s, double threshold, int64_t rule, bool merge,
+                                     const std::optional<Tensor>& scale_in, int64_t unmatched) {
+  check_route_inputs(topk_ids, topk_weights, sim_in, s, valid_in, ranks_in, counts, gate, rule, scale_in, unmatched);
   const Tensor ids = topk_ids.contiguous();
   const Tensor w = topk_weights.contiguous();
   const Tensor sim = sim_in.contiguous();
   const Tensor valid = valid_in.has_value() ? valid_in->contiguous() : Tensor();
   const Tensor ranks = rule == sere::kRuleRankAware ? ranks_in->contiguous() : Tensor();
+  const Tensor scale = scale_in.has_value() ? scale_in->contiguous() : Tensor();
   Tensor out_ids = at::empty_like(ids, at::MemoryFormat::Contiguous);
   Tensor out_w = at::empty_like(w, at::MemoryFormat::Contiguous);
   const int k = static_cast<int>(ids.size(1));
@@ -555,7 +604,9 @@ std::tuple<Tensor, Tensor> route_cpu(const Tensor& topk_ids, const Tensor& topk_
     using Sm = decltype(sim_v);
     route_cpu_kernel<Id, Wt, Sm>(ids.const_data_ptr<Id>(), w.const_data_ptr<Wt>(), out_ids.mutable_data_ptr<Id>(),
                                  out_w.mutable_data_ptr<Wt>(), sim.const_data_ptr<Sm>(), vp, rp, R, ids.size(0), k, sk,
-                                 E, rho, static_cast<int>(rule), merge, cp);
+                                 E, rho, static_cast<int>(rule), merge,
+                                 scale.defined() ? scale.const_data_ptr<float>() : nullptr, static_cast<int>(unmatched),
+                                 cp);
   };
   const auto with_ids = [&](auto w_v, auto sim_v) {
     if (ids.scalar_type() == at::kInt)
@@ -632,8 +683,10 @@ int type_code(at::ScalarType t) {
 std::tuple<Tensor, Tensor> route_cuda(const Tensor& topk_ids, const Tensor& topk_weights, const Tensor& sim_in,
                                       const std::optional<Tensor>& valid_in, const std::optional<Tensor>& ranks_in,
                                       const std::optional<Tensor>& counts, const std::optional<Tensor>& gate_in,
-                                      int64_t s, double threshold, int64_t rule, bool merge) {
-  check_route_inputs(topk_ids, topk_weights, sim_in, s, valid_in, ranks_in, counts, gate_in, rule);
+                                      int64_t s, double threshold, int64_t rule, bool merge,
+                                      const std::optional<Tensor>& scale_in, int64_t unmatched) {
+  check_route_inputs(topk_ids, topk_weights, sim_in, s, valid_in, ranks_in, counts, gate_in, rule, scale_in,
+                     unmatched);
   const c10::cuda::CUDAGuard guard(topk_ids.device());
   const Tensor ids = topk_ids.contiguous();
   const Tensor w = topk_weights.contiguous();
@@ -641,6 +694,7 @@ std::tuple<Tensor, Tensor> route_cuda(const Tensor& topk_ids, const Tensor& topk
   const Tensor valid = valid_in.has_value() ? valid_in->contiguous() : Tensor();
   const Tensor ranks = rule == sere::kRuleRankAware ? ranks_in->contiguous() : Tensor();
   const Tensor gate = gate_in.has_value() ? gate_in->contiguous() : Tensor();
+  const Tensor scale = scale_in.has_value() ? scale_in->contiguous() : Tensor();
   Tensor out_ids = at::empty_like(ids, at::MemoryFormat::Contiguous);
   Tensor out_w = at::empty_like(w, at::MemoryFormat::Contiguous);
   // the caching allocator makes this free; the launcher zeroes it only when several blocks count
@@ -652,6 +706,7 @@ std::tuple<Tensor, Tensor> route_cuda(const Tensor& topk_ids, const Tensor& topk
       ranks.defined() ? ranks.const_data_ptr<bool>() : nullptr, ranks.defined() ? static_cast<int>(ranks.size(1)) : 0,
       ids.size(0), static_cast<int>(ids.size(1)), static_cast<int>(std::min<int64_t>(s, ids.size(1))),
       static_cast<int>(sim.size(0)), static_cast<float>(threshold), static_cast<int>(rule), merge ? 1 : 0,
+      scale.defined() ? scale.const_data_ptr<float>() : nullptr, static_cast<int>(unmatched),
       counts.has_value() ? reinterpret_cast<long long*>(counts->mutable_data_ptr<int64_t>()) : nullptr,
       gate.defined() ? gate.const_data_ptr<bool>() : nullptr, static_cast<unsigned*>(workspace.mutable_data_ptr()),
       c10::cuda::getCurrentCUDAStream().stream());
@@ -675,8 +730,8 @@ TORCH_LIBRARY(sere_dist, m) {
   m.def("reroute_(Tensor(a!) topk_ids, Tensor sim, int select_top_k, float threshold, Tensor? valid=None) -> ()");
   m.def("built_with_cuda() -> bool", &built_with_cuda);
   m.def("route(Tensor topk_ids, Tensor topk_weights, Tensor sim, Tensor? valid, Tensor? expert_ranks, "
-        "Tensor(a!)? counts, Tensor? count_gate, int select_top_k, float threshold, int rule, bool merge_duplicates) "
-        "-> (Tensor, Tensor)");
+        "Tensor(a!)? counts, Tensor? count_gate, int select_top_k, float threshold, int rule, bool merge_duplicates, "
+        "Tensor? scale=None, int unmatched=0) -> (Tensor, Tensor)");
   m.def("per_slot_scan_(Tensor(a!) topk_ids, Tensor sim, int select_top_k, float threshold, Tensor? valid, "
         "Tensor(b!) workspace) -> ()");
 }

@@ -19,6 +19,17 @@
 //               token's own top-S experts visit; the best rank wins, lowest rank and id on ties; else
 //               paper) or top_s (a valid token keeps its first S ordered slots, rescaled by
 //               sum(w) / max(sum(kept w), 1e-12) summed left to right in float32; the rest get 0)
+//   error-aware (scale [E, E] float32 given, rule paper or rank_aware; sim is then the gain matrix and rho
+//               the gain threshold): on each valid token's ordered slots, a secondary slot j >= S whose
+//               expert e is in [0, E) and not primary ("off") and was moved to p gets weight w * scale[e, p]
+//               (one float32 multiply); an off slot left on e ("unmatched") is, by `unmatched`:
+//                 0 keep:   kept as it is;
+//                 1 drop:   id := the token's ordered slot-0 id (after the rule), weight 0, not kept;
+//                 2 renorm: dropped as 1, then every kept slot's (already scaled) weight times
+//                           r = total / max(part, 1e-12), total = sum of the token's ordered original
+//                           weights left to right, part = the same with dropped slots adding 0.0
+//                           (applied to every valid token, also when nothing was dropped).
+//               Dropped slots count as changed and are not "kept" (not merged, not in "distinct after").
 //   merge     = a valid token's later kept copy of an expert adds its weight to the first copy, gets 0
 //   counts   += [distinct experts before, distinct after (kept slots), changed or dropped slots,
 //               any valid token, valid tokens] over valid tokens, when counts is given and gate holds
@@ -34,6 +45,7 @@ constexpr int kMaxTopK = 16;
 constexpr int kMaxRanks = 64;  // rank-aware rule: the ranks of an expert fit a 64-bit mask
 
 enum Rule : int { kRulePaper = 0, kRuleRankAware = 1, kRuleTopS = 2 };
+enum Unmatched : int { kUnmatchedKeep = 0, kUnmatchedDrop = 1, kUnmatchedRenorm = 2 };  // reroute.UNMATCHED_IDS
 
 enum IdType : int { kInt32 = 0, kInt64 = 1 };
 enum SimType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
@@ -55,7 +67,8 @@ extern "C" int sere_per_slot_cuda_launch(int id_type, int sim_type, void* ids, c
                                           float threshold, void* flags, void* stream);
 
 // The whole hook (sere_dist::route) on the GPU; weight_type uses the SimType codes. counts: int64 [5] or
-// null; gate: one bool or null; ranks: [E, num_ranks] bool (rank_aware only); workspace: at least
+// null; gate: one bool or null; ranks: [E, num_ranks] bool (rank_aware only); scale: [E, E] float32 or
+// null (the error-aware rule; refused with rule top_s), unmatched: an Unmatched code; workspace: at least
 // kRouteWorkspaceWords 32-bit words (used, and zeroed on `stream`, only when counting over several blocks).
 // One memset and one kernel at most; no allocation, no host synchronisation, graph-capturable.
 namespace sere {
@@ -65,4 +78,5 @@ extern "C" int sere_route_cuda_launch(int id_type, int weight_type, int sim_type
                                        void* out_ids, void* out_weights, const void* sim, const bool* valid,
                                        const bool* ranks, int num_ranks, int64_t num_tokens, int top_k,
                                        int select_top_k, int num_experts, float threshold, int rule, int merge,
-                                       long long* counts, const bool* gate, unsigned* workspace, void* stream);
+                                       const float* scale, int unmatched, long long* counts, const bool* gate,
+                                       unsigned* workspace, void* stream);

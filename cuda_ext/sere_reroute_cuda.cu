@@ -35,8 +35,10 @@ extern "C" int sere_route_cuda_launch(int id_type, int weight_type, int sim_type
                                        void* out_ids, void* out_weights, const void* sim, const bool* valid,
                                        const bool* ranks, int num_ranks, int64_t num_tokens, int top_k,
                                        int select_top_k, int num_experts, float threshold, int rule, int merge,
-                                       long long* counts, const bool* gate, unsigned* workspace, void* stream) {
+                                       const float* scale, int unmatched, long long* counts, const bool* gate,
+                                       unsigned* workspace, void* stream) {
   return static_cast<int>(route_entry(id_type, weight_type, sim_type, ids, weights, out_ids, out_weights, sim, valid,
                                       ranks, num_ranks, num_tokens, top_k, select_top_k, num_experts, threshold, rule,
-                                      merge != 0, counts, gate, workspace, static_cast<cudaStream_t>(stream)));
+                                      merge != 0, scale, unmatched, counts, gate, workspace,
+                                      static_cast<cudaStream_t>(stream)));
 }

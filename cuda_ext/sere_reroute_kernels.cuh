@@ -242,7 +242,10 @@ cudaError_t launch_per_slot(void* ids, const void* sim, const bool* valid, int64
 //      for rank_aware, each primary's rank mask;
 //   3. applies the rule per token (rank_aware scans the primary list per secondary slot: the best
 //      passing value among primaries on visited ranks, then the lowest such rank, then the lowest id),
-//      top-S or merge, and writes ids and weights back in the token's slot order;
+//      the error-aware weights when `scale` is given (moved slots times scale[e, p]; unmatched ones kept,
+//      dropped or dropped with renormalisation), top-S or merge, and writes ids and weights back in the
+//      token's slot order. Products go through __fmul_rn so that nvcc never fuses one with the merge's
+//      add into an FMA (the torch spec rounds each operation);
 //   4. counts (when `counts` is given and `gate` is null or true): per block in shared memory; a single
 //      block adds to `counts` directly, several blocks OR/add into `workspace` (zeroed by the launcher)
 //      and the last block to finish (an atomic ticket) adds the totals.
@@ -277,8 +280,8 @@ template <typename Id, typename W, typename Sim>
 __global__ void __launch_bounds__(kThreads)
 route_kernel(const Id* ids, const W* wts, Id* out_ids, W* out_w, const Sim* __restrict__ sim,
              const bool* __restrict__ valid, const bool* __restrict__ ranks, int num_ranks, int num_tokens, int k,
-             int s, int num_experts, float rho, int rule, bool merge, long long* counts, const bool* gate,
-             unsigned* workspace, int tokens_per_block) {
+             int s, int num_experts, float rho, int rule, bool merge, const float* __restrict__ scale,
+             int unmatched, long long* counts, const bool* gate, unsigned* workspace, int tokens_per_block) {
   __shared__ unsigned char primary[sere::kMaxExperts];
   __shared__ unsigned char needed[sere::kMaxExperts];
   __shared__ short table[sere::kMaxExperts];
@@ -376,20 +379,22 @@ route_kernel(const Id* ids, const W* wts, Id* out_ids, W* out_w, const Sim* __re
       float total = wv[0], part = wv[0];
       for (int j = 1; j < k; ++j) total += wv[j];
       for (int j = 1; j < s; ++j) part += wv[j];
-      const float scale = total / (part < 1e-12f ? 1e-12f : part);  // NaN stays NaN, as torch's clamp
+      const float r = total / (part < 1e-12f ? 1e-12f : part);  // NaN stays NaN, as torch's clamp
       for (int j = 0; j < k; ++j) {
         kept[j] = j < s;
-        wv[j] = j < s ? wv[j] * scale : 0.0f;
+        wv[j] = j < s ? __fmul_rn(wv[j], r) : 0.0f;
       }
       my_rerouted += k - s;
-    } else if (reroute) {
+    } else {
+      unsigned off = 0, moved = 0;  // ordered slots: secondary of a non-primary expert / moved by the rule
       unsigned long long visited = 0;
       if (rank_aware)
         for (int j = 0; j < s; ++j)
           if (in_range(sid[j], num_experts)) visited |= rank_bits[sid[j]];
-      for (int j = s; j < k; ++j) {
+      for (int j = s; reroute && j < k; ++j) {
         const Id e = sid[j];
         if (!in_range(e, num_experts) || primary[e]) continue;
+        off |= 1u << j;
         int to = table[e];
         if (rank_aware && visited != 0) {
           const Sim* srow = sim + static_cast<int64_t>(e) * num_experts;
@@ -417,7 +422,37 @@ route_kernel(const Id* ids, const W* wts, Id* out_ids, W* out_w, const Sim* __re
         }
         if (static_cast<Id>(to) != e) {
           sid[j] = static_cast<Id>(to);
+          moved |= 1u << j;
           ++my_rerouted;
+        }
+      }
+      if (scale != nullptr) {  // the error-aware rule (sere_reroute.h): scale, drop or renormalise
+        const Id first = sid[0];
+        const bool renorm = unmatched == sere::kUnmatchedRenorm;
+        float total = 0.0f, part = 0.0f;
+        for (int j = 0; j < k; ++j) {
+          const float w0 = wv[j];
+          const unsigned bit = 1u << j;
+          const bool drop = unmatched != sere::kUnmatchedKeep && (off & bit) && !(moved & bit);
+          if (renorm) {
+            const float c = drop ? 0.0f : w0;
+            total = j == 0 ? w0 : total + w0;
+            part = j == 0 ? c : part + c;
+          }
+          if (moved & bit) {
+            const Id e = ids[base + order[j]];
+            wv[j] = __fmul_rn(w0, scale[static_cast<int64_t>(e) * num_experts + static_cast<int64_t>(sid[j])]);
+          } else if (drop) {
+            sid[j] = first;
+            wv[j] = 0.0f;
+            kept[j] = false;
+            ++my_rerouted;
+          }
+        }
+        if (renorm) {
+          const float r = total / (part < 1e-12f ? 1e-12f : part);  // NaN stays NaN, as torch's clamp
+          for (int j = 0; j < k; ++j)
+            if (kept[j]) wv[j] = __fmul_rn(wv[j], r);
         }
       }
     }
@@ -489,11 +524,13 @@ route_kernel(const Id* ids, const W* wts, Id* out_ids, W* out_w, const Sim* __re
 template <typename Id, typename W, typename Sim>
 cudaError_t launch_route(const void* ids, const void* w, void* out_ids, void* out_w, const void* sim,
                          const bool* valid, const bool* ranks, int num_ranks, int64_t num_tokens, int k, int s,
-                         int num_experts, float rho, int rule, bool merge, long long* counts, const bool* gate,
-                         unsigned* workspace, cudaStream_t stream) {
+                         int num_experts, float rho, int rule, bool merge, const float* scale, int unmatched,
+                         long long* counts, const bool* gate, unsigned* workspace, cudaStream_t stream) {
   if (num_experts < 1 || num_experts > sere::kMaxExperts || k < 1 || k > sere::kMaxTopK || s < 0 ||
       num_tokens < 0 || num_tokens * k > INT32_MAX || rule < sere::kRulePaper || rule > sere::kRuleTopS ||
-      (rule == sere::kRuleRankAware && (ranks == nullptr || num_ranks < 1 || num_ranks > sere::kMaxRanks))) {
+      (rule == sere::kRuleRankAware && (ranks == nullptr || num_ranks < 1 || num_ranks > sere::kMaxRanks)) ||
+      unmatched < sere::kUnmatchedKeep || unmatched > sere::kUnmatchedRenorm ||
+      (scale != nullptr && rule == sere::kRuleTopS)) {
     return cudaErrorInvalidValue;
   }
   if (s > k) s = k;
@@ -510,7 +547,8 @@ cudaError_t launch_route(const void* ids, const void* w, void* out_ids, void* ou
   SERE_LAUNCH_KERNEL(kernel, static_cast<unsigned>(blocks), kThreads, stream, static_cast<const Id*>(ids),
                      static_cast<const W*>(w), static_cast<Id*>(out_ids), static_cast<W*>(out_w),
                      static_cast<const Sim*>(sim), valid, ranks, num_ranks, static_cast<int>(num_tokens), k, s,
-                     num_experts, rho, rule, merge, counts, gate, workspace, static_cast<int>(per_block));
+                     num_experts, rho, rule, merge, scale, unmatched, counts, gate, workspace,
+                     static_cast<int>(per_block));
   return cudaGetLastError();
 }
 
@@ -569,14 +607,14 @@ inline cudaError_t per_slot_entry(int id_type, int sim_type, void* ids, const vo
 inline cudaError_t route_entry(int id_type, int weight_type, int sim_type, const void* ids, const void* w,
                                void* out_ids, void* out_w, const void* sim, const bool* valid, const bool* ranks,
                                int num_ranks, int64_t num_tokens, int top_k, int select_top_k, int num_experts,
-                               float threshold, int rule, bool merge, long long* counts, const bool* gate,
-                               unsigned* workspace, cudaStream_t stream) {
+                               float threshold, int rule, bool merge, const float* scale, int unmatched,
+                               long long* counts, const bool* gate, unsigned* workspace, cudaStream_t stream) {
   return with_id_type(id_type, [&](auto id) {
     return with_sim_type(weight_type, [&](auto weight) {
       return with_sim_type(sim_type, [&](auto sim_value) {
         return launch_route<decltype(id), decltype(weight), decltype(sim_value)>(
             ids, w, out_ids, out_w, sim, valid, ranks, num_ranks, num_tokens, top_k, select_top_k, num_experts,
-            threshold, rule, merge, counts, gate, workspace, stream);
+            threshold, rule, merge, scale, unmatched, counts, gate, workspace, stream);
       });
     });
   });

@@ -71,8 +71,9 @@ def build(defines: tuple[str, ...] = (), src: Path = SRC) -> ctypes.CDLL:
     lib.sere_per_slot_emu_launch.restype = ctypes.c_int
     lib.sere_route_emu_launch.argtypes = ([ctypes.c_int] * 3 + [ctypes.c_void_p] * 7
                                           + [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                             ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-                                             ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int])
+                                             ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                                             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p,
+                                             ctypes.c_int])
     lib.sere_route_emu_launch.restype = ctypes.c_int
     _libs[key] = lib
     return lib
@@ -124,10 +125,15 @@ RULES = {"paper": 0, "rank_aware": 1, "top_s": 2}
 def route(ids: torch.Tensor, weights: torch.Tensor, sim: torch.Tensor, s: int, rho: float,
           valid: torch.Tensor | None = None, *, rule: str = "paper", expert_ranks: torch.Tensor | None = None,
           merge_duplicates: bool = False, counts: torch.Tensor | None = None, count_gate: torch.Tensor | None = None,
-          guard: int = 1, lib: ctypes.CDLL | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CUDA `route` kernel's (ids, weights) for CPU tensors; `counts` ([5] int64) is updated in place."""
+          scale: torch.Tensor | None = None, unmatched: str = "keep", guard: int = 1,
+          lib: ctypes.CDLL | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CUDA `route` kernel's (ids, weights) for CPU tensors; `counts` ([5] int64) is updated in place;
+    `scale` ([E, E] float32) and `unmatched` select the error-aware rule."""
+    from sere_dist.core.reroute import UNMATCHED_IDS
+
     lib = lib or build()
     ids, weights, sim = ids.contiguous(), weights.contiguous(), sim.contiguous()
+    scale = None if scale is None else scale.contiguous()
     valid = None if valid is None else valid.contiguous()
     ranks = None if expert_ranks is None else expert_ranks.contiguous()
     out_ids = torch.full_like(ids, -7)
@@ -136,19 +142,19 @@ def route(ids: torch.Tensor, weights: torch.Tensor, sim: torch.Tensor, s: int, r
     code = lib.sere_route_emu_launch(
         ID_TYPES[ids.dtype], SIM_TYPES[weights.dtype], SIM_TYPES[sim.dtype], _ptr(ids), _ptr(weights), _ptr(out_ids),
         _ptr(out_w), _ptr(sim), _ptr(valid), _ptr(ranks), 0 if ranks is None else ranks.shape[1], ids.shape[0],
-        ids.shape[1], s, sim.shape[0], rho, RULES[rule], int(merge_duplicates), _ptr(counts), _ptr(count_gate),
-        guard, msg, 512)
+        ids.shape[1], s, sim.shape[0], rho, RULES[rule], int(merge_duplicates), _ptr(scale), UNMATCHED_IDS[unmatched],
+        _ptr(counts), _ptr(count_gate), guard, msg, 512)
     _check(code, msg)
     return out_ids, out_w
 
 
-def random_route_case(rng, max_t: int = 700) -> dict:
+def random_route_case(rng, max_t: int = 700, max_e: int = 200, rules=("paper", "rank_aware", "top_s")) -> dict:
     """One random `route` case (shared by the CPU-op and emulation parity tests): ids with repeats and
     out-of-order, tied or low-precision weights, every rule, merging, padding, coarse similarities
     (ties), and multi-block batch sizes up to max_t tokens."""
     from sere_dist.core.reroute import expert_ranks_for
 
-    e = rng.randint(2, 200)
+    e = rng.randint(2, max_e)
     k = rng.randint(1, min(12, e))
     t = rng.choice([0, 1, 2, 5, 16, 64, 300, max_t])
     g = torch.Generator().manual_seed(rng.randrange(2**31))
@@ -163,7 +169,7 @@ def random_route_case(rng, max_t: int = 700) -> dict:
         w = torch.round(w * 4) / 4                                   # ties between slots
     if rng.random() < 0.5:
         w = w.sort(-1, descending=True).values                       # already in order (the fast case)
-    rule = rng.choice(["paper", "rank_aware", "top_s"])
+    rule = rng.choice(list(rules))
     ranks = None
     if rule == "rank_aware":
         ranks = expert_ranks_for(e, rng.randint(1, min(8, e)), rng.choice(["linear", "round_robin"]))
@@ -177,12 +183,33 @@ def random_route_case(rng, max_t: int = 700) -> dict:
                 rule=rule, expert_ranks=ranks, merge_duplicates=rng.random() < 0.5)
 
 
+def random_error_aware_case(rng, max_t: int = 700, max_e: int = 400) -> dict:
+    """A `random_route_case` for the error-aware rule: rule paper or rank_aware, `sim` as the gain matrix
+    (float32 or bf16, sometimes fp16) with the gain threshold as rho, a float32 `scale` (random signs and
+    magnitudes, some exact zeros and ones) and `unmatched` keep / drop / renorm. Thresholds above every
+    gain leave secondaries unmatched."""
+    case = random_route_case(rng, max_t=max_t, max_e=max_e, rules=("paper", "rank_aware"))
+    e = case["sim"].shape[0]
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    gain = case["sim"].float() * torch.rand(e, e, generator=g)            # a gain in [0, 1), not symmetric
+    if rng.random() < 0.3:
+        gain = torch.round(gain * 8) / 8                                  # ties
+    scale = torch.randn(e, e, generator=g) * rng.choice([0.1, 1.0, 3.0])
+    scale[torch.rand(e, e, generator=g) < 0.1] = 0.0
+    scale[torch.rand(e, e, generator=g) < 0.1] = 1.0
+    case.update(sim=gain.to(rng.choice([torch.float32, torch.bfloat16, torch.bfloat16, torch.float16])),
+                rho=rng.choice([0.0, 0.1, 0.3, 0.6, 2.0]), scale=scale,
+                unmatched=rng.choice(["keep", "drop", "renorm"]))
+    return case
+
+
 def route_reference(case: dict):
-    """The torch spec's (ids, weights, counts) for a `random_route_case`."""
+    """The torch spec's (ids, weights, counts) for a `random_route_case` (or `random_error_aware_case`)."""
     from sere_dist.core.reroute import route as torch_route
 
     return torch_route(case["ids"], case["weights"], case["sim"].float(), case["s"], case["rho"], case["valid"],
-                       rule=case["rule"], expert_ranks=case["expert_ranks"], merge_duplicates=case["merge_duplicates"])
+                       rule=case["rule"], expert_ranks=case["expert_ranks"], merge_duplicates=case["merge_duplicates"],
+                       scale=case.get("scale"), unmatched=case.get("unmatched", "keep"))
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

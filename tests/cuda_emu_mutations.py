@@ -3,7 +3,7 @@ a time, and report whether random parity cases (as in tests/test_cuda_emu.py) no
 
     .venv/bin/python -m tests.cuda_emu_mutations        # a table, about 1 minute (one build per mutation)
 
-Three of these run in the suite (tests/test_cuda_emu.py); this sweep covers more. Exit status 1 if a
+Four of these run in the suite (tests/test_cuda_emu.py); this sweep covers more. Exit status 1 if a
 mutation goes unnoticed.
 """
 
@@ -40,11 +40,17 @@ MUTATIONS = {
     "valid ignored": ("if (j >= s && (valid == nullptr || valid[t]) && in_range(e, num_experts))",
                       "if (j >= s && in_range(e, num_experts))", "padding tokens re-routed"),
 }
+# the same, for the whole-hook kernel's error-aware weights; these run `route` cases with a scale
+ROUTE_MUTATIONS = {
+    "scale gather": ("scale[static_cast<int64_t>(e) * num_experts + static_cast<int64_t>(sid[j])]",
+                     "scale[static_cast<int64_t>(sid[j]) * num_experts + static_cast<int64_t>(e)]",
+                     "error-aware weight times scale[p, e] (transposed)"),
+}
 
 
 def mutant(name: str, workdir: Path) -> Path:
     """A copy of cuda_ext/ under `workdir` with mutation `name` applied to the kernel source."""
-    old, new, _ = MUTATIONS[name]
+    old, new, _ = MUTATIONS[name] if name in MUTATIONS else ROUTE_MUTATIONS[name]
     src = Path(shutil.copytree(cuda_emu.SRC, workdir / "cuda_ext"))
     path = src / "sere_reroute_kernels.cuh"
     text = path.read_text()
@@ -70,14 +76,39 @@ def first_failure(lib, cases: int = 400, seed: int = 5) -> tuple[int, str] | Non
     return None
 
 
+def first_route_failure(lib, cases: int = 200, seed: int = 5) -> tuple[int, str] | None:
+    """As `first_failure`, on error-aware `route` cases (ids, weights and counters)."""
+    rng = random.Random(seed)
+    for i in range(cases):
+        case = cuda_emu.random_error_aware_case(rng, max_t=700 if i % 10 == 0 else 64)
+        want_ids, want_w, want_c = cuda_emu.route_reference(case)
+        counts = torch.zeros(5, dtype=torch.int64)
+        try:
+            got_ids, got_w = cuda_emu.route(case["ids"], case["weights"], case["sim"], case["s"], case["rho"],
+                                            case["valid"], rule=case["rule"], expert_ranks=case["expert_ranks"],
+                                            merge_duplicates=case["merge_duplicates"], counts=counts,
+                                            scale=case["scale"], unmatched=case["unmatched"], guard=1 + i % 2,
+                                            lib=lib)
+        except cuda_emu.EmulationError as err:
+            return i, str(err)
+        if not torch.equal(got_ids, want_ids):
+            return i, "wrong ids"
+        if not cuda_emu.same_bits(got_w, want_w):
+            return i, "wrong weights"
+        if counts.tolist() != want_c.tolist():
+            return i, "wrong counts"
+    return None
+
+
 def try_mutation(name: str, workdir: Path) -> tuple[int, str] | None:
-    return first_failure(cuda_emu.build(src=mutant(name, workdir)))
+    lib = cuda_emu.build(src=mutant(name, workdir))
+    return first_route_failure(lib) if name in ROUTE_MUTATIONS else first_failure(lib)
 
 
 def main() -> int:
     torch.set_num_threads(1)
     rows, missed = [], 0
-    for name, (_, _, what) in MUTATIONS.items():
+    for name, (_, _, what) in (MUTATIONS | ROUTE_MUTATIONS).items():
         with tempfile.TemporaryDirectory() as tmp:
             found = try_mutation(name, Path(tmp))
         missed += found is None

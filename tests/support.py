@@ -152,7 +152,22 @@ def greedy(llm, prompts=PROMPTS, n=MAX_TOKENS) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
-def random_artifact(ckpt, out, seed=0):
+def random_routed(num_experts: int, layers, seed=0) -> dict:
+    """Routed-token statistics (C, N) of random expert outputs, both weightings: a valid format-2 payload."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in layers:
+        f = torch.randn(num_experts, 6, dtype=torch.float64, generator=g)
+        f = f + 1.0 * torch.randn(1, 6, dtype=torch.float64, generator=g)           # some shared direction
+        c = f @ f.t()                                                                 # <f_e, f_p>
+        n = (f * f).sum(1).expand(num_experts, -1).clone()                           # |f_p|^2
+        out[i] = {"count": (c, n), "router": (0.5 * c, 0.5 * n)}
+    return out
+
+
+def random_artifact(ckpt, out, seed=0, routed=False):
+    """A random similarity artifact; `routed` adds random routed-token statistics (format 2, for the
+    error-aware modes)."""
     fp = checkpoint_fingerprint(ckpt)
     g = torch.Generator().manual_seed(seed)
     mats = {}
@@ -161,7 +176,9 @@ def random_artifact(ckpt, out, seed=0):
         m = (m + m.t()) / 2
         m.fill_diagonal_(1.0)
         mats[i] = m
-    return SimilarityArtifact(matrices=mats, fingerprint=fp, metric="frobenius", tokens=0).save(out, overwrite=True)
+    extra = {"routed": random_routed(fp["num_experts"], fp["moe_layers"], seed)} if routed else {}
+    return SimilarityArtifact(matrices=mats, fingerprint=fp, metric="frobenius", tokens=0, **extra).save(
+        out, overwrite=True)
 
 
 def make_llm(ckpt, sere=None, **kw):

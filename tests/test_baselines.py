@@ -247,9 +247,10 @@ def test_score_returns_per_sequence_values_in_original_order_whatever_the_batchi
     t = drop_transform(8, 1, False)
     a = score(model, x, t, ref, batch_size=1)                          # one sequence per batch: order-free
     b = score(model, x, t, ref, batch_size=1, order=torch.tensor([5, 4, 3, 2, 1, 0]))
-    assert torch.allclose(a["kl"], b["kl"]) and torch.equal(a["agree"], b["agree"])
+    # equal up to float32 rounding (the forward runs in float32; kernels may sum in another order)
+    assert torch.allclose(a["kl"], b["kl"], rtol=1e-4, atol=1e-6) and torch.equal(a["agree"], b["agree"])
     c = score(model, x, t, ref, batch_size=3, order=torch.tensor([0, 2, 4, 1, 3, 5]))
-    assert not torch.allclose(a["kl"], c["kl"])                         # shared batches change the primaries
+    assert not torch.allclose(a["kl"], c["kl"], rtol=1e-2)              # shared batches change the primaries
     assert torch.equal(a["tokens"], torch.full((6,), 6.0, dtype=torch.float64))
 
 
@@ -279,3 +280,59 @@ def test_paired_bootstrap_refuses_mismatched_or_too_small_input():
         paired_bootstrap(torch.ones(3), torch.ones(4))
     with pytest.raises(ValueError, match="level"):
         paired_bootstrap(torch.ones(3), torch.ones(3), level=1.5)
+
+
+@pytest.mark.parametrize("unmatched", ["keep", "drop", "renorm"])
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.7])
+def test_batched_error_aware_matches_the_torch_reference_bit_for_bit(unmatched, threshold):
+    from sere_dist.core.reroute import error_aware, error_aware_gain
+    from sere_dist.eval.baselines import error_aware_batched
+
+    gen = torch.Generator().manual_seed(7)
+    g, t, k, e = 5, 6, 4, 12
+    x = torch.randn(e, 32, generator=gen)
+    c = (x @ x.t()).abs() + torch.rand(e, e, generator=gen)
+    n = c.diagonal().unsqueeze(0).expand(e, e) + torch.rand(e, e, generator=gen)
+    c[3, :] = 0                                            # an expert without data: a = 0, g = 0
+    scale, gain = error_aware_gain(c, n)
+    ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(g * t)]).reshape(g, t, k)
+    w = torch.rand(g, t, k, generator=gen).sort(-1, descending=True).values
+    valid = torch.rand(g, t, generator=gen) > 0.2
+    for s in (1, 2, 4):
+        ref_ids, ref_w = error_aware(ids, w, scale, gain, s, threshold, valid, unmatched)
+        new_ids, new_w = error_aware_batched(ids, w, scale, gain, s, threshold, valid, unmatched)
+        assert torch.equal(new_ids, ref_ids)
+        assert torch.equal(new_w, ref_w)
+
+
+def test_error_aware_renorm_drops_a_low_gain_slot_and_rescales_the_token_to_its_original_sum():
+    from sere_dist.eval.baselines import error_aware_batched
+
+    # experts 0, 1 primary (top-1 of two tokens); expert 2 substitutes well by 1 (gain 0.9), expert 3 by none
+    gain = torch.zeros(4, 4)
+    gain[2, 1], gain[3, 0] = 0.9, 0.1
+    scale = torch.zeros(4, 4)
+    scale[2, 1], scale[3, 0] = 0.5, 0.2
+    ids = torch.tensor([[[0, 2, 3], [1, 0, 2]]])
+    w = torch.tensor([[[0.5, 0.3, 0.2], [0.6, 0.3, 0.1]]])
+    new_ids, new_w = error_aware_batched(ids, w, scale, gain, 1, 0.5, None, "renorm")
+    assert new_ids.tolist() == [[[0, 1, 0], [1, 0, 1]]]
+    # token 0: slot 2 (expert 3, gain 0.1 < 0.5) dropped, kept weights 0.5 and 0.3*0.5 rescaled by 1/0.8
+    assert torch.allclose(new_w, torch.tensor([[[0.625, 0.1875, 0.0], [0.6, 0.3, 0.05]]]))
+
+
+def test_error_aware_keep_sum_gives_the_lost_weight_to_the_tokens_own_slots():
+    from sere_dist.eval.baselines import error_aware_batched
+
+    gain = torch.zeros(4, 4)
+    gain[2, 1], gain[3, 0] = 0.9, 0.1
+    scale = torch.zeros(4, 4)
+    scale[2, 1], scale[3, 0] = 0.5, 0.2
+    ids = torch.tensor([[[0, 2, 3], [1, 0, 2]]])
+    w = torch.tensor([[[0.5, 0.3, 0.2], [0.6, 0.3, 0.1]]])
+    new_ids, new_w = error_aware_batched(ids, w, scale, gain, 1, 0.5, None, "renorm", keep_sum=True)
+    assert new_ids.tolist() == [[[0, 1, 0], [1, 0, 1]]]
+    # token 0: moved slot 0.3*0.5 = 0.15, dropped 0.2: slot 0 gets 1 - 0.15 = 0.85
+    # token 1: moved slot 0.1*0.5 = 0.05: the unmoved slots (0.6, 0.3) share 0.95
+    assert torch.allclose(new_w, torch.tensor([[[0.85, 0.15, 0.0], [0.6 * 0.95 / 0.9, 0.3 * 0.95 / 0.9, 0.05]]]))
+    assert torch.allclose(new_w.sum(-1), w.sum(-1))

@@ -126,6 +126,12 @@ def test_ray_job_routed_statistics_and_diagnostics_equal_the_single_process_ones
     for layer, acc in ref.routed.items():
         for k, v in acc.tensors().items():
             torch.testing.assert_close(routed[layer].tensors()[k], v, rtol=1e-9, atol=1e-9)
+    art = SimilarityArtifact.load(res.out)            # the artifact carries C, N too (format 2)
+    assert art.format == "sere-similarity/2" and sorted(art.routed) == [0, 1]
+    for layer, acc in ref.routed.items():
+        for w in ("count", "router"):
+            for got, want in zip(art.routed[layer][w], acc.stats(w)):
+                torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
     doc = json.loads((res.out / DIAGNOSTICS_JSON).read_text())
     want = diagnostics(ref.grams, ref.matrices, ref.routed, metric="frobenius")
     assert doc["verdict"] == want["verdict"] == res.diagnostics["verdict"] and doc["label"] == "helps"

@@ -17,6 +17,10 @@ from sere_dist.core.config import SereConfig, SereConfigError
     ({"layers": {"x": {"threshold": 0.1}}}, "layers"),
     ({"layers": {3: {"threshold": 2.0}}}, "layers[3].threshold"),
     ({"layers": {3: {"rho": 0.2}}}, "layers[3]"),
+    ({"mode": "error_aware", "gain_threshold": 1.5}, "gain_threshold"),
+    ({"gain_threshold": math.inf}, "gain_threshold"),
+    ({"unmatched": "discard"}, "unmatched"),
+    ({"gain_weighting": "tokens"}, "gain_weighting"),
 ])
 def test_invalid_settings_name_the_field(kwargs, field):
     with pytest.raises(SereConfigError, match=field.replace("[", r"\[").replace("]", r"\]")):
@@ -98,3 +102,14 @@ def test_calibration_job_names_the_command_line_option():
                             ({"dtype": "int8"}, r"--dtype='int8': .*use one of float32, bfloat16 or float16")]:
         with pytest.raises(ConfigError, match=message):
             CalibrationJob(model="m", out="o", **kwargs)
+
+
+def test_error_aware_modes_use_the_gain_threshold_and_map_to_the_ops_rule():
+    cfg = SereConfig(mode="error_aware", threshold=0.3, gain_threshold=0.25, layers={1: {"threshold": 0.75}})
+    assert cfg.error_aware and cfg.rule == "paper"
+    assert cfg.for_layer(0) == (2, 0.25) and cfg.for_layer(1) == (2, 0.75)   # a layer override is its gain threshold
+    assert SereConfig(mode="error_aware_rank_aware").rule == "rank_aware"
+    assert SereConfig(mode="paper", gain_threshold=0.9).for_layer(0) == (2, 0.3)
+    assert not SereConfig(mode="top_s").error_aware
+    back = SereConfig.from_dict(cfg.to_dict())
+    assert back == cfg

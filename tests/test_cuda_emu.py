@@ -172,3 +172,59 @@ def test_route_kernel_counts_across_blocks_and_honours_the_gate():
     assert counts.tolist() == want.tolist()
     cuda_emu.route(*args, counts=counts, count_gate=torch.tensor([True]))
     assert counts.tolist() == (2 * want).tolist()
+
+
+# ---------------------------------------------------------------- the error-aware rule in the route kernel
+
+def _emu_route(case, counts=None, gate=None, guard=1):
+    return cuda_emu.route(case["ids"], case["weights"], case["sim"], case["s"], case["rho"], case["valid"],
+                          rule=case["rule"], expert_ranks=case["expert_ranks"],
+                          merge_duplicates=case["merge_duplicates"], counts=counts, count_gate=gate,
+                          scale=case.get("scale"), unmatched=case.get("unmatched", "keep"), guard=guard)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_route_kernel_error_aware_matches_the_torch_spec_bit_for_bit(seed):
+    # single blocks mostly, every tenth case up to 700 tokens (3 blocks: workspace counting)
+    rng = random.Random(7100 + seed)
+    for i in range(250):
+        case = cuda_emu.random_error_aware_case(rng, max_t=700 if i % 10 == 0 else 64)
+        want_ids, want_w, want_c = cuda_emu.route_reference(case)
+        counts = torch.zeros(5, dtype=torch.int64)
+        gate = (None, torch.tensor([True]), torch.tensor([False]))[i % 3]
+        got_ids, got_w = _emu_route(case, counts, gate, guard=1 + i % 2)
+        label = ({k: v for k, v in case.items() if not isinstance(v, torch.Tensor)}
+                 | {"T": case["ids"].shape[0], "E": case["sim"].shape[0]})
+        assert torch.equal(got_ids, want_ids), label
+        assert cuda_emu.same_bits(got_w, want_w), label
+        assert counts.tolist() == ([0] * 5 if i % 3 == 2 else want_c.tolist()), label
+
+
+def test_route_kernel_unit_scale_keep_is_the_kernel_without_scale_and_s_equal_k_changes_nothing():
+    rng = random.Random(7200)
+    for i in range(60):
+        case = cuda_emu.random_error_aware_case(rng, max_t=64)
+        ones = case | {"scale": torch.ones_like(case["scale"]), "unmatched": "keep"}
+        plain = {k: v for k, v in case.items() if k not in ("scale", "unmatched")}
+        c1, c2 = torch.zeros(5, dtype=torch.int64), torch.zeros(5, dtype=torch.int64)
+        a, b = _emu_route(ones, c1), _emu_route(plain, c2)
+        assert torch.equal(a[0], b[0]) and cuda_emu.same_bits(a[1], b[1]) and torch.equal(c1, c2)
+        full = case | {"s": case["ids"].shape[1], "merge_duplicates": False}
+        got_ids, got_w = _emu_route(full)
+        assert torch.equal(got_ids, case["ids"]) and cuda_emu.same_bits(got_w, case["weights"])
+
+
+@pytest.mark.parametrize("rule, unmatched", [("top_s", "keep"), ("paper", 3), ("paper", -1)])
+def test_route_launcher_refuses_scale_with_top_s_and_unknown_unmatched(rule, unmatched, monkeypatch):
+    from sere_dist.core import reroute
+    if isinstance(unmatched, int):
+        monkeypatch.setitem(reroute.UNMATCHED_IDS, unmatched, unmatched)   # pass a raw code through
+    with pytest.raises(cuda_emu.EmulationError) as err:
+        cuda_emu.route(torch.zeros(3, 4, dtype=torch.int32), torch.rand(3, 4), torch.rand(8, 8), 1, 0.0, rule=rule,
+                       scale=torch.ones(8, 8), unmatched=unmatched)
+    assert err.value.code == cuda_emu.INVALID_VALUE
+
+
+def test_emulation_notices_a_transposed_scale_gather(tmp_path):
+    failure = try_mutation("scale gather", tmp_path)  # weight times scale[p, e] instead of scale[e, p]
+    assert failure is not None and failure[1] == "wrong weights", failure

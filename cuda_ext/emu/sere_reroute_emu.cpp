@@ -205,8 +205,8 @@ extern "C" __attribute__((visibility("default"))) int sere_per_slot_emu_launch(
 extern "C" __attribute__((visibility("default"))) int sere_route_emu_launch(
     int id_type, int weight_type, int sim_type, const void* ids, const void* w, void* out_ids, void* out_w,
     const void* sim, const bool* valid, const bool* ranks, int num_ranks, int64_t num_tokens, int top_k,
-    int select_top_k, int num_experts, float threshold, int rule, int merge, long long* counts, const bool* gate,
-    int guard, char* msg, int msg_len) {
+    int select_top_k, int num_experts, float threshold, int rule, int merge, const float* scale, int unmatched,
+    long long* counts, const bool* gate, int guard, char* msg, int msg_len) {
   emu::reset();
   if (guard != 1 && guard != 2) {
     write_message(msg, msg_len, "guard must be 1 (after each buffer) or 2 (before it)");
@@ -225,10 +225,11 @@ extern "C" __attribute__((visibility("default"))) int sere_route_emu_launch(
   void* g_sim = guarded_copy("sim", sim, ne * ne * sim_bytes(sim_type), guard);
   void* g_valid = valid == nullptr ? nullptr : guarded_copy("valid", valid, nt, guard);
   void* g_ranks = ranks == nullptr ? nullptr : guarded_copy("ranks", ranks, ne * static_cast<size_t>(num_ranks), guard);
+  void* g_scale = scale == nullptr ? nullptr : guarded_copy("scale", scale, ne * ne * sizeof(float), guard);
   void* g_counts = counts == nullptr ? nullptr : guarded_copy("counts", counts, 5 * sizeof(long long), guard);
   void* g_gate = gate == nullptr ? nullptr : guarded_copy("gate", gate, 1, guard);
   void* g_ws = guarded_copy("workspace", nullptr, sere::kRouteWorkspaceWords * sizeof(unsigned), guard);
-  if (!g_ids || !g_w || !g_oi || !g_ow || !g_sim || (valid && !g_valid) || (ranks && !g_ranks) ||
+  if (!g_ids || !g_w || !g_oi || !g_ow || !g_sim || (valid && !g_valid) || (ranks && !g_ranks) || (scale && !g_scale) ||
       (counts && !g_counts) || (gate && !g_gate) || !g_ws) {
     release_all();
     write_message(msg, msg_len, "mmap failed");
@@ -238,7 +239,7 @@ extern "C" __attribute__((visibility("default"))) int sere_route_emu_launch(
     note_refusal(route_entry(id_type, weight_type, sim_type, g_ids, g_w, g_oi, g_ow, g_sim,
                              static_cast<const bool*>(g_valid), static_cast<const bool*>(g_ranks), num_ranks,
                              num_tokens, top_k, select_top_k, num_experts, threshold, rule, merge != 0,
-                             static_cast<long long*>(g_counts), static_cast<const bool*>(g_gate),
+                             static_cast<const float*>(g_scale), unmatched, static_cast<long long*>(g_counts), static_cast<const bool*>(g_gate),
                              static_cast<unsigned*>(g_ws), nullptr));
   };
   const int err = launch_catching_faults(call, nullptr, nullptr, nullptr, nullptr, nullptr, msg, msg_len);

@@ -44,7 +44,7 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Callable, ClassVar, Iterable, Iterator, Literal
+from typing import Annotated, Any, Callable, ClassVar, Iterable, Iterator, Literal, Mapping
 
 import numpy as np
 import torch
@@ -553,7 +553,7 @@ def run(prep: Prepared, *, use_ray: bool = True,
               "num_workers": workers, **red.facts, "source": prep.source,
               "job": job.model_dump(exclude={"out", "overwrite"}), "verdict": diag["verdict"]}
     art = SimilarityArtifact(matrices=red.matrices, fingerprint=fp, metric=job.metric, tokens=n_tok,
-                             data_digest=prep.data_digest,
+                             data_digest=prep.data_digest, routed=routed_for_artifact(red.routed),
                              extra={"calibration": {k: report[k] for k in ("source", "job")}})
     files = {**report_files(art, report, diag), ROUTED_STATS: routed_stats_bytes(red.routed)}
     out = _write(art, job.out, job.overwrite, files)
@@ -590,4 +590,10 @@ def calibrate(model: torch.nn.Module, tokens: torch.Tensor, metric: str = "frobe
     red = calibrate_in_process(model, tokens, metric=metric, batch_size=batch_size, cka_tokens=cka_tokens,
                                seed=seed, token_chunk=token_chunk, progress=progress)
     return SimilarityArtifact(matrices=red.matrices, fingerprint=model_fingerprint(model.config), metric=metric,
-                              tokens=int(tokens.numel()), data_digest=data_digest or digest(tokens.tolist()))
+                              tokens=int(tokens.numel()), data_digest=data_digest or digest(tokens.tolist()),
+                              routed=routed_for_artifact(red.routed))
+
+
+def routed_for_artifact(routed: Mapping[int, RoutedAccumulator]) -> dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The reduction's routed-token statistics in the artifact's shape: layer -> weighting -> (C, N)."""
+    return {i: {w: acc.stats(w) for w in acc.WEIGHTINGS} for i, acc in routed.items()}

@@ -1,8 +1,15 @@
-"""Similarity artifact: a directory with one safetensors file (an [E, E] matrix per MoE layer) and
-JSON metadata, written atomically, and checked against the model it is loaded for.
+"""Similarity artifact: a directory with one safetensors file (an [E, E] matrix per MoE layer, and
+the routed-token statistics of the error-aware rule) and JSON metadata, written atomically, and
+checked against the model it is loaded for.
 
-    OUT/similarity.safetensors   tensors "layers.<i>" float32 [E, E]; metadata header {"sere": json}
+    OUT/similarity.safetensors   tensors "layers.<i>" float32 [E, E] (the similarity) and, from format
+                                 2 on, "routed.<i>.<c|n>.<count|router>" float64 [E, E] (C and N per
+                                 weighting); metadata header {"sere": json}
     OUT/metadata.json            the same metadata, plus per-layer off-diagonal statistics
+
+Formats: `sere-similarity/1` (similarity only: the paper's, rank-aware and top-S rules) and
+`sere-similarity/2` (also C and N: every rule, including the error-aware ones). A format-1 artifact
+still loads; asking an error-aware mode of it stops start-up naming `sere.mode` and the fix.
 
 `artifact_for_model` is the one artifact-vs-model check (S <= k, the artifact's fingerprint against the
 model's, every MoE layer present and finite), used by the server, the vLLM plugin and its workers;
@@ -34,7 +41,13 @@ __all__ = ["ArtifactError", "SimilarityArtifact", "artifact_for_model", "load_ar
 
 SIM_FILE = "similarity.safetensors"
 META_FILE = "metadata.json"
-FORMAT = "sere-similarity/1"
+FORMAT = "sere-similarity/2"
+FORMATS = ("sere-similarity/1", FORMAT)          # what this version reads
+ROUTED_WEIGHTINGS = ("count", "router")
+
+
+def _routed_key(layer: int, which: str, weighting: str) -> str:
+    return f"routed.{layer}.{which}.{weighting}"
 
 
 @dataclass
@@ -49,13 +62,31 @@ class SimilarityArtifact:
     extra: dict[str, Any] = field(default_factory=dict)
     created: str = ""
     version: str = __version__
+    # layer -> weighting ("count", "router") -> (C, N) float64 [E, E]; empty in a format-1 artifact
+    routed: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    loaded_format: str = ""                            # the format of the file it was loaded from
 
     def __post_init__(self) -> None:
         self.fingerprint = ModelFingerprint.coerce(self.fingerprint)
 
+    @property
+    def format(self) -> str:
+        """The file format: as loaded, else format 2 with routed statistics and format 1 without (which
+        a format-1 reader reads too)."""
+        return self.loaded_format or (FORMAT if self.routed else FORMATS[0])
+
+    def error_aware_tables(self, layer: int, weighting: str = "count") -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale a [E, E], gain g [E, E]) float32 of one layer for the error-aware rule."""
+        from sere_dist.core.reroute import error_aware_gain
+
+        if layer not in self.routed:
+            raise ArtifactError(f"artifact has no routed-token statistics for MoE layer {layer} "
+                                f"(format {self.format}); recalibrate")
+        return error_aware_gain(*self.routed[layer][weighting])
+
     def metadata(self) -> dict[str, Any]:
         from sere_dist.core.similarity import offdiag_stats
-        return {"format": FORMAT, "fingerprint": self.fingerprint.to_dict(), "metric": self.metric,
+        return {"format": FORMAT if self.routed else FORMATS[0], "fingerprint": self.fingerprint.to_dict(), "metric": self.metric,
                 "tokens": self.tokens, "data_digest": self.data_digest,
                 "created": self.created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "sere_dist_version": self.version, "layers": sorted(self.matrices),
@@ -72,11 +103,16 @@ class SimilarityArtifact:
         if out.exists() and not overwrite:
             raise ArtifactError(f"output {out} exists; pass --overwrite to replace it")
         validate_matrices(self.matrices, self.fingerprint)
+        validate_routed(self.routed, self.fingerprint)
         out.parent.mkdir(parents=True, exist_ok=True)
         meta = self.metadata()
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
             tensors = {f"layers.{i}": m.detach().float().contiguous().cpu() for i, m in self.matrices.items()}
+            for i, per in self.routed.items():
+                for weighting, (c, n) in per.items():
+                    tensors[_routed_key(i, "c", weighting)] = c.detach().double().cpu().clone()
+                    tensors[_routed_key(i, "n", weighting)] = n.detach().double().cpu().clone()
             save_file(tensors, str(tmp / SIM_FILE), metadata={"sere": json.dumps(meta)})
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
             for name, data in (extra_files or {}).items():
@@ -106,6 +142,7 @@ class SimilarityArtifact:
             with safe_open(str(f), framework="pt") as h:
                 raw = (h.metadata() or {}).get("sere")
                 mats = {int(k.split(".")[1]): h.get_tensor(k) for k in h.keys() if k.startswith("layers.")}
+                routed_raw = {k: h.get_tensor(k) for k in h.keys() if k.startswith("routed.")}
         except Exception as exc:  # noqa: BLE001 - any read failure is a malformed artifact
             raise ArtifactError(f"cannot read similarity artifact {f}: {exc}") from exc
         if not raw:
@@ -121,6 +158,10 @@ class SimilarityArtifact:
         if missing:
             raise ArtifactError(f"{f}: the sere metadata in its header lacks {missing}; it was not written by "
                                 f"this sere-dist (recalibrate)")
+        fmt = meta.get("format", FORMATS[0])
+        if fmt not in FORMATS:
+            raise ArtifactError(f"{f}: artifact format {fmt!r} is not one this sere-dist {__version__} reads "
+                                f"({', '.join(FORMATS)}); upgrade sere-dist or recalibrate")
         try:
             fp = ModelFingerprint.coerce(meta["fingerprint"])
         except ArtifactError as exc:
@@ -128,8 +169,14 @@ class SimilarityArtifact:
         art = cls(matrices={i: m.float() for i, m in mats.items()}, fingerprint=fp,
                   metric=meta["metric"], tokens=meta["tokens"], data_digest=meta.get("data_digest", ""),
                   extra=meta.get("extra", {}), created=meta.get("created", ""),
-                  version=meta.get("sere_dist_version", "?"))
+                  version=meta.get("sere_dist_version", "?"), routed=_routed_from(routed_raw, f), loaded_format=fmt)
         validate_matrices(art.matrices, art.fingerprint, source=str(f))
+        if fmt != FORMATS[0]:
+            missing = [i for i in fp.moe_layers if i not in art.routed]
+            if missing:
+                raise ArtifactError(f"{f}: format {fmt} but no routed-token statistics for MoE layer(s) {missing}; "
+                                    f"recalibrate")
+        validate_routed(art.routed, art.fingerprint, source=str(f))
         return art
 
     def check_model(self, fingerprint: Mapping[str, Any]) -> None:
@@ -169,7 +216,48 @@ def artifact_for_model(sere: SereConfig, fingerprint: Mapping[str, Any]) -> Simi
     why = art.fingerprint.mismatch(fp)
     if why:
         raise ArtifactError(f"sere.artifact {sere.artifact}: {why}")
+    if sere.enabled and sere.error_aware and not art.routed:
+        raise ArtifactError(
+            f"sere.mode={sere.mode} needs the routed-token statistics that artifacts of format {FORMAT} carry, but "
+            f"sere.artifact {sere.artifact} is {art.format} (sere-dist {art.version}); recalibrate it with this "
+            f"sere-dist (`sere calibrate` or the calibration job), or use sere.mode paper")
     return art
+
+
+def _routed_from(raw: Mapping[str, torch.Tensor], source) -> dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """{"routed.<i>.<c|n>.<weighting>": tensor} -> {i: {weighting: (C, N)}}; a lone C or N is an error."""
+    out: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    seen: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, t in raw.items():
+        parts = key.split(".")
+        if len(parts) != 4 or not parts[1].isdigit() or parts[2] not in ("c", "n") or parts[3] not in ROUTED_WEIGHTINGS:
+            raise ArtifactError(f"{source}: unexpected tensor {key!r}; recalibrate")
+        seen.setdefault((int(parts[1]), parts[3]), {})[parts[2]] = t.double()
+    for (layer, weighting), cn in seen.items():
+        if set(cn) != {"c", "n"}:
+            raise ArtifactError(f"{source}: layer {layer} has routed statistic {sorted(cn)} without its pair; recalibrate")
+        out.setdefault(layer, {})[weighting] = (cn["c"], cn["n"])
+    return out
+
+
+def validate_routed(routed: Mapping[int, Mapping[str, tuple[torch.Tensor, torch.Tensor]]], fp: Mapping[str, Any],
+                    source: str = "artifact") -> None:
+    """Routed-token statistics, where present: both weightings, finite [E, E], N >= 0, C[e, e] >= 0."""
+    e = fp["num_experts"]
+    for i, per in routed.items():
+        if set(per) != set(ROUTED_WEIGHTINGS):
+            raise ArtifactError(f"{source}: layer {i} routed statistics have weightings {sorted(per)}, expected "
+                                f"{list(ROUTED_WEIGHTINGS)}")
+        for weighting, (c, n) in per.items():
+            for name, t in (("C", c), ("N", n)):
+                if tuple(t.shape) != (e, e):
+                    raise ArtifactError(f"{source}: layer {i} routed {name} ({weighting}) has shape {tuple(t.shape)}, "
+                                        f"expected ({e}, {e})")
+                if not torch.isfinite(t).all():
+                    raise ArtifactError(f"{source}: layer {i} routed {name} ({weighting}) contains NaN or inf")
+            if float(n.min()) < 0 or float(torch.diagonal(c).min()) < 0:
+                raise ArtifactError(f"{source}: layer {i} routed statistics ({weighting}) have a negative energy "
+                                    f"(N < 0 or C[e, e] < 0): not sums of squares; recalibrate")
 
 
 def validate_matrices(mats: Mapping[int, torch.Tensor], fp: Mapping[str, Any], source: str = "artifact") -> None:

@@ -14,7 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 METRICS = ("frobenius", "cosine", "cka_linear", "cka_rbf")
 PHASES = ("decode", "all")
-MODES = ("paper", "rank_aware", "top_s")
+MODES = ("paper", "rank_aware", "top_s", "error_aware", "error_aware_rank_aware")
+ERROR_AWARE_MODES = ("error_aware", "error_aware_rank_aware")   # need the artifact's routed-token statistics
+UNMATCHED = ("keep", "drop", "renorm")
+WEIGHTINGS = ("count", "router")
 
 # S and rho, with their meaning, reused wherever they are accepted (configs, sere_control)
 SelectTopK = Annotated[StrictInt, Field(ge=1, description="S, 1..k")]
@@ -192,7 +195,8 @@ def check_value(annotation: Any, value: Any, name: str, error: type[ConfigError]
 # SERE settings
 
 class LayerOverride(Fields):
-    """Per-layer S and/or rho; None keeps the global value."""
+    """Per-layer S and/or threshold (rho, or the gain threshold in the error-aware modes); None keeps
+    the global value."""
 
     select_top_k: SelectTopK | None = None
     threshold: Threshold | None = None
@@ -207,9 +211,21 @@ class SereConfig(StrictModel):
         similarity is >= rho (rho = 0 moves every secondary).
     metric: similarity the artifact was calibrated with (informational at serve time).
     phase: "decode" re-routes decode tokens only; "all" re-routes prefill tokens too.
-    mode: "paper" (the paper's rule), "rank_aware" (prefer primaries on ranks the token visits) or
+    mode: "paper" (the paper's rule), "rank_aware" (prefer primaries on ranks the token visits),
         "top_s" (naive top-S baseline: each re-routable token keeps its top-S slots, the others get
-        weight 0, the kept weights are rescaled to the original sum; the similarity is not used).
+        weight 0, the kept weights are rescaled to the original sum; the similarity is not used),
+        "error_aware" (ours: a secondary expert e moves to the primary p whose least-squares scaled
+        output a*f_p best reproduces f_e, weight times a, when its gain reaches `gain_threshold`; needs
+        an artifact of format 2, which carries the routed-token statistics) or "error_aware_rank_aware"
+        (the same, preferring primaries on ranks the token visits).
+    gain_threshold: error-aware modes: the least gain in [0, 1] (share of e's routed output energy
+        the scaled primary recovers) for a move; a layer override's `threshold` replaces it there.
+    unmatched: error-aware modes: a secondary slot no primary reaches the gain threshold for is
+        "keep" (stays on its expert), "drop" (weight 0, no expert read for it) or "renorm" (dropped and
+        the token's other weights rescaled to the original sum).
+    gain_weighting: error-aware modes: which routed-token statistics the gain uses, "router"
+        (default: each routed token weighted by its router weight, as the layer output weights it;
+        chosen by benchmarks/bench_fidelity.py) or "count" (every routed token counts once).
     layers: per-layer overrides keyed by MoE layer index.
     artifact: path of the similarity artifact (used by the vLLM plugin and serving).
     enabled: False turns re-routing off while keeping the rest of the configuration.
@@ -229,7 +245,11 @@ class SereConfig(StrictModel):
     threshold: Threshold = 0.3
     metric: Literal["frobenius", "cosine", "cka_linear", "cka_rbf"] = "frobenius"
     phase: Literal["decode", "all"] = "decode"
-    mode: Literal["paper", "rank_aware", "top_s"] = "paper"
+    mode: Literal["paper", "rank_aware", "top_s", "error_aware", "error_aware_rank_aware"] = "paper"
+    gain_threshold: Annotated[float, Field(strict=True, ge=0.0, le=1.0, allow_inf_nan=False,
+                                           description="the error-aware gain threshold in [0, 1]")] = 0.0
+    unmatched: Literal["keep", "drop", "renorm"] = "keep"
+    gain_weighting: Literal["count", "router"] = "router"
     layers: dict[Annotated[int, Field(strict=False)], LayerOverride] = Field(default_factory=dict)
     artifact: StrictStr | None = None
     enabled: StrictBool = True
@@ -238,11 +258,23 @@ class SereConfig(StrictModel):
                                                               "0 = counters off")] = 1
     record: Annotated[StrictInt, Field(ge=0, description="batches to keep per layer, >= 0")] = 0
 
+    @property
+    def error_aware(self) -> bool:
+        """True in the error-aware modes (they need the artifact's routed-token statistics)."""
+        return self.mode in ERROR_AWARE_MODES
+
+    @property
+    def rule(self) -> str:
+        """The native op's choice rule for this mode: paper, rank_aware or top_s."""
+        return {"error_aware": "paper", "error_aware_rank_aware": "rank_aware"}.get(self.mode, self.mode)
+
     def for_layer(self, layer: int) -> tuple[int, float]:
-        """(S, rho) in force for one MoE layer index."""
+        """(S, threshold) in force for one MoE layer index: rho, or the gain threshold in the error-aware
+        modes."""
         ov = self.layers.get(layer)
         s = ov.select_top_k if ov and ov.select_top_k is not None else self.select_top_k
-        rho = ov.threshold if ov and ov.threshold is not None else self.threshold
+        default = self.gain_threshold if self.error_aware else self.threshold
+        rho = ov.threshold if ov and ov.threshold is not None else default
         return s, rho
 
     def check_top_k(self, top_k: int, layers: list[int] | None = None) -> None:

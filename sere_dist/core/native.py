@@ -11,8 +11,9 @@ similarities compared in float32 (the torch path widens a bf16/fp16 `sim` first)
 The extension (`cuda_ext/`) is compiled on first use with `torch.utils.cpp_extension.load` into
 `$SERE_EXT_CACHE` (default `~/.cache/sere_dist/ext`), one directory per hash of the sources, flags,
 torch and platform, under a file lock so that the several processes vLLM spawns build it once. It
-registers the torch custom ops `sere_dist::reroute` and `sere_dist::reroute_` (in place), with fake
-implementations registered here, so Dynamo traces them as single opaque ops. Nothing is built while
+registers the torch custom ops `sere_dist::reroute`, `sere_dist::reroute_` (in place) and
+`sere_dist::route` (the whole hook, error-aware rule included), with fake implementations registered
+here, so Dynamo traces them as single opaque ops. Nothing is built while
 Dynamo traces: call `load_extension()` eagerly first (the vLLM plugin does, at registration), else
 the traced graph uses the torch reference.
 """
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from sere_dist.core.reroute import RULE_IDS, route, reroute
+from sere_dist.core.reroute import RULE_IDS, UNMATCHED_IDS, route, reroute
 
 log = logging.getLogger("sere_dist")
 
@@ -76,8 +77,8 @@ def reroute_fast(topk_ids: torch.Tensor, sim: torch.Tensor, select_top_k: int, t
 def route_fast(topk_ids: torch.Tensor, topk_weights: torch.Tensor, sim: torch.Tensor, select_top_k: int,
                threshold: float, valid: torch.Tensor | None = None, *, rule: str = "paper",
                expert_ranks: torch.Tensor | None = None, merge_duplicates: bool = False,
-               counts: torch.Tensor | None = None,
-               count_gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               counts: torch.Tensor | None = None, count_gate: torch.Tensor | None = None,
+               scale: torch.Tensor | None = None, unmatched: str = "keep") -> tuple[torch.Tensor, torch.Tensor]:
     """The vLLM plugin's whole per-layer hook in one call: `sere_dist.core.reroute.route` (its spec)
     through the native op `sere_dist::route` when it applies, else the torch reference.
 
@@ -85,18 +86,24 @@ def route_fast(topk_ids: torch.Tensor, topk_weights: torch.Tensor, sim: torch.Te
     sim [E, E]; valid [T] bool; rule "paper" | "rank_aware" (expert_ranks [E, R] bool) | "top_s".
     counts: optional [5] int64 counters (`reroute.COUNTS` order), incremented in place; count_gate:
     optional [1] bool, counting only when it holds True (read on the device: no host sync).
+    scale: optional [E, E] float32, the error-aware rule (`sim` is then its gain matrix and `threshold`
+    the gain threshold; rule "paper" or "rank_aware"); unmatched: "keep" | "drop" | "renorm" (error-aware
+    only). The native op takes a float32 scale on the ids' device; any other scale runs the torch
+    reference (widened to float32).
     Returns new (ids, weights), same dtypes, in the input's slot order.
     """
-    path = _route_path(topk_ids, topk_weights, sim, valid, expert_ranks, counts, count_gate)
+    path = _route_path(topk_ids, topk_weights, sim, valid, expert_ranks, counts, count_gate, scale, rule, unmatched)
     if path == "torch":
         sim32 = sim if sim.dtype == torch.float32 else sim.float()
         new_ids, new_w, c = route(topk_ids, topk_weights, sim32, select_top_k, threshold, valid, rule=rule,
-                                  expert_ranks=expert_ranks, merge_duplicates=merge_duplicates)
+                                  expert_ranks=expert_ranks, merge_duplicates=merge_duplicates,
+                                  scale=None if scale is None else scale.float(), unmatched=unmatched)
         if counts is not None:
             counts.add_(c if count_gate is None else c * count_gate.to(torch.int64))
         return new_ids, new_w
     return torch.ops.sere_dist.route(topk_ids, topk_weights, sim, valid, expert_ranks, counts, count_gate,
-                                     int(select_top_k), float(threshold), RULE_IDS[rule], bool(merge_duplicates))
+                                     int(select_top_k), float(threshold), RULE_IDS[rule], bool(merge_duplicates),
+                                     scale, UNMATCHED_IDS[unmatched])
 
 
 def reroute_fast_(topk_ids: torch.Tensor, sim: torch.Tensor, select_top_k: int, threshold: float,
@@ -175,10 +182,17 @@ MAX_RANKS = 64  # cuda_ext/sere_reroute.h: kMaxRanks
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _route_path(topk_ids, topk_weights, sim, valid, expert_ranks, counts, count_gate) -> str:
-    """"cuda" / "cpp" when `sere_dist::route` takes these inputs, else "torch"."""
+def _route_path(topk_ids, topk_weights, sim, valid, expert_ranks, counts, count_gate, scale=None, rule="paper",
+                unmatched="keep") -> str:
+    """"cuda" / "cpp" when `sere_dist::route` takes these inputs, else "torch" (which also raises the
+    ValueError for an unknown rule or unmatched, or scale with rule top_s)."""
     path = _path_for(topk_ids, sim, valid)
     if path == "torch" or not _state["route_op"]:
+        return "torch"
+    if rule not in RULE_IDS or unmatched not in UNMATCHED_IDS:
+        return "torch"
+    if scale is not None and (rule == "top_s" or scale.dtype != torch.float32 or scale.shape != sim.shape
+                              or scale.device != topk_ids.device):
         return "torch"
     dev = topk_ids.device
     ok = (topk_weights.shape == topk_ids.shape and topk_weights.dtype in _WEIGHT_DTYPES and topk_weights.device == dev
@@ -216,7 +230,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("sere_dist::route")
     def _route_fake(topk_ids, topk_weights, sim, valid, expert_ranks, counts, count_gate, select_top_k, threshold,
-                    rule, merge_duplicates):
+                    rule, merge_duplicates, scale=None, unmatched=0):
         return (torch.empty_like(topk_ids, memory_format=torch.contiguous_format),
                 torch.empty_like(topk_weights, memory_format=torch.contiguous_format))
 

@@ -124,8 +124,9 @@ COUNTS = ("distinct_experts_before", "distinct_experts_after", "rerouted_slots",
 
 def route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, sim: torch.Tensor, select_top_k: int,
           threshold: float, valid: torch.Tensor | None = None, *, rule: str = "paper",
-          expert_ranks: torch.Tensor | None = None,
-          merge_duplicates: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+          expert_ranks: torch.Tensor | None = None, merge_duplicates: bool = False,
+          scale: torch.Tensor | None = None,
+          unmatched: str = "keep") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One MoE layer's routing hook for one batch, on the router's outputs in their own slot order.
 
     topk_ids: [T, k] int32/int64; topk_weights: [T, k] float (any slot order); sim: [E, E];
@@ -135,6 +136,13 @@ def route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, sim: torch.Tensor,
     2. "paper" / "rank_aware": `reroute` the ordered ids (weights unchanged); "top_s": every valid
        token keeps its first S slots and the others get weight 0, the kept ones rescaled to the
        original sum (`top_s_weights`);
+    2b. error-aware (`scale` [E, E] float32 given, with `sim` the gain matrix and `threshold` the gain
+       threshold; rule "paper" or "rank_aware"): a secondary slot of a non-primary expert e moved to p
+       gets weight w * scale[e, p]; one left on e (no primary passed the threshold: "unmatched") is
+       kept (`unmatched` "keep"), or dropped ("drop": weight 0 and the id of the token's first ordered
+       slot, a primary, so that no expert is read for it), or dropped with the token's other slots
+       rescaled by sum(w) / max(sum(w of slots not dropped), 1e-12) ("renorm"; sums of the router's
+       weights, slot by slot left to right, as top_s);
     3. merge_duplicates: a valid token holding one expert in several kept slots gets their weights
        summed into the first of them (`merge_duplicate_slots`);
     4. restore the slot order.
@@ -147,6 +155,10 @@ def route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, sim: torch.Tensor,
         raise ValueError(f"unknown rule {rule!r}; use one of {', '.join(RULES)}")
     if rule == "rank_aware" and expert_ranks is None:
         raise ValueError("rule='rank_aware' needs expert_ranks")
+    if unmatched not in UNMATCHED_IDS:
+        raise ValueError(f"unknown unmatched {unmatched!r}; use one of {', '.join(UNMATCHED)}")
+    if scale is not None and rule == "top_s":
+        raise ValueError("scale (the error-aware rule) needs rule 'paper' or 'rank_aware'")
     t, k = topk_ids.shape
     num_experts = sim.shape[0]
     s = min(select_top_k, k)
@@ -161,6 +173,8 @@ def route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, sim: torch.Tensor,
     else:
         new_ids = reroute(ids, sim, s, threshold, v, expert_ranks=expert_ranks if rule == "rank_aware" else None,
                           with_stats=False)[0]
+        if scale is not None:
+            new_ids, w, kept = _error_aware_weights(ids, new_ids, w, scale, s, v, unmatched)
     changed = (new_ids != ids) | ~kept
     if merge_duplicates:
         w, kept = merge_duplicate_slots(new_ids, w, v, kept)
@@ -172,6 +186,43 @@ def route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, sim: torch.Tensor,
     n_valid = v.sum()
     counts = torch.stack([before, after, (changed & use).sum(), (n_valid > 0).long(), n_valid]).to(torch.int64)
     return out_ids, out_w, counts
+
+
+UNMATCHED = ("keep", "drop", "renorm")
+UNMATCHED_IDS = {name: i for i, name in enumerate(UNMATCHED)}   # the `unmatched` int of the native op
+
+
+def _error_aware_weights(ids: torch.Tensor, new_ids: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
+                         select_top_k: int, valid: torch.Tensor,
+                         unmatched: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 2b of `route` on weight-ordered [T, k] ids before / after the table, float32 weights and
+    [T] valid. Returns (ids, weights, kept)."""
+    t, k = ids.shape
+    e = scale.shape[0]
+    primary = primary_mask(ids.unsqueeze(0), select_top_k, e, valid.unsqueeze(0))[0]          # [E]
+    sec = (torch.arange(k, device=ids.device) >= select_top_k).unsqueeze(0) & valid.unsqueeze(-1)
+    inside = (ids >= 0) & (ids < e)
+    safe = ids.long().clamp(0, e - 1)
+    off = sec & inside & ~primary[safe]                       # secondary slots of non-primary experts
+    moved = off & (new_ids != ids)
+    a = scale[safe, new_ids.long().clamp(0, e - 1)]
+    out_w = torch.where(moved, w * a, w)
+    kept = torch.ones(t, k, dtype=torch.bool, device=ids.device)
+    if unmatched == "keep":
+        return new_ids, out_w, kept
+    drop = off & (new_ids == ids)
+    new_ids = torch.where(drop, new_ids[:, :1].expand(t, k), new_ids)
+    out_w = torch.where(drop, torch.zeros_like(out_w), out_w)
+    kept = ~drop
+    if unmatched == "renorm":
+        total = w[:, 0].clone()
+        part = torch.where(kept[:, 0], w[:, 0], torch.zeros_like(w[:, 0]))
+        for j in range(1, k):
+            total = total + w[:, j]
+            part = part + torch.where(kept[:, j], w[:, j], torch.zeros_like(w[:, j]))
+        r = total / part.clamp(min=1e-12)
+        out_w = torch.where(valid.unsqueeze(-1) & kept, out_w * r.unsqueeze(-1), out_w)
+    return new_ids, out_w, kept
 
 
 def top_s_weights(weights: torch.Tensor, select_top_k: int,
@@ -251,28 +302,23 @@ def error_aware_table(scale: torch.Tensor, gain: torch.Tensor, primary: torch.Te
 
 def error_aware(topk_ids: torch.Tensor, topk_weights: torch.Tensor, scale: torch.Tensor, gain: torch.Tensor,
                 select_top_k: int, threshold: float, valid: torch.Tensor | None = None,
-                drop_unmatched: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Error-aware re-routing of weight-ordered [G, T, k] ids and weights: every valid secondary slot
-    of a non-primary expert e goes through `error_aware_table` (new id, weight times the scale).
-    The token's top-S slots, slots already on a primary and invalid tokens are unchanged.
-    Returns (new ids, new weights) with the input shapes and dtypes.
+                unmatched: str = "keep", expert_ranks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Error-aware re-routing of weight-ordered [G, T, k] ids and weights, group by group through
+    `route` (step 2b; rank-aware choice of the primary when `expert_ranks` [E, R] is given): a valid
+    secondary slot of a non-primary expert e moves to the primary p* of `error_aware_table` with its
+    weight times scale[e, p*], or is kept / dropped / dropped with renormalisation (`unmatched`) when
+    no primary reaches the gain threshold. Returns (new ids, new weights), input shapes and dtypes.
     """
-    ids = topk_ids.long()
-    g, t, k = ids.shape
-    s = min(select_top_k, k)
-    primary = primary_mask(ids, s, gain.shape[0], valid)
-    table, slot_scale = error_aware_table(scale, gain, primary, threshold, drop_unmatched)
-    sec = ids[..., s:].reshape(g, -1)
-    new_sec = table.gather(1, sec).reshape(g, t, k - s)
-    sec_scale = slot_scale.gather(1, sec).reshape(g, t, k - s)
-    if valid is not None:
-        keep = ~valid.unsqueeze(-1)
-        new_sec = torch.where(keep, ids[..., s:], new_sec)
-        sec_scale = torch.where(keep, torch.ones_like(sec_scale), sec_scale)
-    new_ids = torch.cat([ids[..., :s], new_sec], -1).to(topk_ids.dtype)
-    w = topk_weights.float()
-    new_w = torch.cat([w[..., :s], w[..., s:] * sec_scale], -1).to(topk_weights.dtype)
-    return new_ids, new_w
+    g, t, k = topk_ids.shape
+    out_ids, out_w = torch.empty_like(topk_ids), torch.empty_like(topk_weights)
+    scale32 = scale.float()
+    gain32 = gain.float()
+    for i in range(g):
+        out_ids[i], out_w[i], _ = route(topk_ids[i], topk_weights[i], gain32, select_top_k, threshold,
+                                        None if valid is None else valid[i],
+                                        rule="paper" if expert_ranks is None else "rank_aware",
+                                        expert_ranks=expert_ranks, scale=scale32, unmatched=unmatched)
+    return out_ids, out_w
 
 
 def _choose_paper(sec: torch.Tensor, sim: torch.Tensor, primary: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -15,7 +15,9 @@ How it hooks in (vLLM 0.32):
   `_compute_routing` on the instance: logical top-k ids -> SERE -> EPLB mapping / dispatch.
 - The hook is one native op per layer and forward (`core.native.route_fast` -> `sere_dist::route`,
   C++ on CPU, CUDA on GPU, the torch spec `core.reroute.route` where no kernel applies): it orders the
-  slots by weight, applies the rule (`mode`: paper, rank_aware or top_s), merges duplicate slots when
+  slots by weight, applies the rule (`mode`: paper, rank_aware, top_s, or error_aware /
+  error_aware_rank_aware: the paper / rank-aware table on the artifact's gain matrix, with the weights of
+  moved slots scaled and unmatched ones kept, dropped or renormalised), merges duplicate slots when
   `merge_duplicates`, restores the router's slot order and returns new ids and weights. Every mode
   needs the artifact (top_s ignores the similarity but the artifact still pins the model and S <= k).
 - Which tokens are re-routed: a per-process bool buffer `token_mask` [max tokens], rewritten in place
@@ -245,15 +247,24 @@ def _configure(runner, vcfg, cfg: SereConfig) -> None:
                             f"{num_experts} experts; recalibrate for this model")
     s, rho = cfg.for_layer(layer)
     device = vcfg.device_config.device
+    scale = None
+    if cfg.error_aware:                         # the op's table runs on the gain, its gather also scales
+        scale, sim = art.error_aware_tables(layer, cfg.gain_weighting)
     runner._sere_on = True
     _state["eager"] = bool(vcfg.model_config.enforce_eager)
     runner._sere_layer = layer
     runner._sere_s = int(s)
     runner._sere_rho = float(rho)
     runner._sere_record = int(getattr(cfg, "record", 0) or 0)
-    runner._sere_rule = cfg.mode
+    runner._sere_rule = cfg.rule
     runner._sere_merge = bool(cfg.merge_duplicates)
+    runner._sere_unmatched = cfg.unmatched
     runner.register_buffer("_sere_sim", sim.to(device=device, dtype=torch.float32).contiguous(), persistent=False)
+    if scale is not None:
+        runner.register_buffer("_sere_scale", scale.to(device=device, dtype=torch.float32).contiguous(),
+                               persistent=False)
+    else:
+        runner._sere_scale = None
     runner.register_buffer("_sere_counts", torch.zeros(len(COUNTERS), dtype=torch.int64, device=device),
                            persistent=False)
     runner.register_buffer("_sere_token_mask", _token_mask(vcfg, cfg.phase), persistent=False)
@@ -264,13 +275,14 @@ def _configure(runner, vcfg, cfg: SereConfig) -> None:
         runner.register_buffer("_sere_count_gate", _count_gate(cfg.count_every), persistent=False)
     else:
         runner._sere_count_gate = None
-    if cfg.mode == "rank_aware":
+    if cfg.rule == "rank_aware":
         runner.register_buffer("_sere_expert_ranks", _expert_ranks(runner, num_experts).to(device), persistent=False)
     else:
         runner._sere_expert_ranks = None
     native.load_extension()  # build / load eagerly: nothing is built while Dynamo traces
-    log.info("SERE on %s: layer %d, S=%d, rho=%.3g, phase=%s, mode=%s", runner.layer_name, layer, s, rho,
-             cfg.phase, cfg.mode)
+    log.info("SERE on %s: layer %d, S=%d, %s=%.3g, phase=%s, mode=%s%s", runner.layer_name, layer, s,
+             "gain threshold" if cfg.error_aware else "rho", rho, cfg.phase, cfg.mode,
+             f", unmatched={cfg.unmatched}, weighting={cfg.gain_weighting}" if cfg.error_aware else "")
 
 
 def _token_mask(vcfg, phase: str) -> torch.Tensor:
@@ -335,7 +347,8 @@ def _sere(runner, weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tenso
                       rule=runner._sere_rule, expert_ranks=runner._sere_expert_ranks,
                       merge_duplicates=runner._sere_merge,
                       counts=runner._sere_counts if runner._sere_count_on else None,
-                      count_gate=runner._sere_count_gate)
+                      count_gate=runner._sere_count_gate, scale=runner._sere_scale,
+                      unmatched=runner._sere_unmatched)
 
 
 def _localize(expert_map: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):

@@ -5,11 +5,14 @@ T tokens (all data-parallel ranks together), k routed slots per token, E logical
 expert slots (P = E without EPLB redundancy), R expert-parallel ranks.
 
     topk_ids   [T, k] int   expert ids per slot, -1 = slot masked out
+    weights    [T, k] float optional routing weights: a slot of weight 0 (dropped) sends nothing
     src_rank   [T]    int   data-parallel rank that holds the token (where its output must return)
     slot_rank  [E]/[P] int  rank hosting each (physical) expert; `placement_ranks` builds it
 
 `traffic(...)` counts one backend; `compare_rerouting(...)` runs SERE on each rank's local batch
-(the router runs on the token's own rank, before the dispatch) and counts before and after.
+(the router runs on the token's own rank, before the dispatch) and counts before and after; given
+the routing weights and an error-aware table (`ErrorAware`) it adds the error-aware rule alone and
+composed with the rank-aware choice.
 
 Bytes are the payload that crosses from one rank to another; what stays on the token's own rank is
 counted separately as local. Small bookkeeping exchanges (per-rank token counts, handles, layout
@@ -131,7 +134,8 @@ def linear_slot_ranks(num_physical: int, num_ranks: int) -> torch.Tensor:
 
 
 def traffic(topk_ids: torch.Tensor, src_rank: torch.Tensor, slot_rank: torch.Tensor, num_ranks: int,
-            backend: str, wire: Wire, valid: torch.Tensor | None = None) -> TrafficReport:
+            backend: str, wire: Wire, valid: torch.Tensor | None = None,
+            weights: torch.Tensor | None = None) -> TrafficReport:
     """Count one MoE layer's dispatch + combine for one backend.
 
     The rule each backend follows (vLLM 0.32 managers in `distributed/device_communicators/all2all.py`):
@@ -151,6 +155,11 @@ def traffic(topk_ids: torch.Tensor, src_rank: torch.Tensor, slot_rank: torch.Ten
 
     topk_ids: [T, k] (physical ids when slot_rank is physical); src_rank: [T]; slot_rank: [E or P];
     valid: optional [T] bool, False = padding (sends nothing).
+    weights: optional [T, k] routing weights. A slot of weight 0 (a slot the error-aware rule dropped,
+        or moved with scale 0) is not a destination under DeepEP HT / LL: the model assumes the hook
+        hands DeepEP id -1 for it (DeepEP skips -1 in `topk_idx`), so it sends nothing, adds no rank
+        pair and no expert row; allgather-reducescatter still ships every token (and all k ids and
+        weights). Without weights every slot with id >= 0 counts.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown all-to-all backend {backend!r}; modelled: {', '.join(BACKENDS)}")
@@ -161,6 +170,10 @@ def traffic(topk_ids: torch.Tensor, src_rank: torch.Tensor, slot_rank: torch.Ten
         raise ValueError(f"src_rank values must be in [0, {num_ranks})")
     tok_ok = torch.ones(t, dtype=torch.bool) if valid is None else valid.bool()
     slot_ok = (ids >= 0) & tok_ok.unsqueeze(1)                                      # [T, k]
+    if weights is not None:
+        if weights.shape != topk_ids.shape:
+            raise ValueError(f"weights {list(weights.shape)} must match topk_ids {list(topk_ids.shape)}")
+        slot_ok = slot_ok & (weights != 0)                                          # dropped: no destination
     dst = slot_rank.long()[ids.clamp(min=0)]                                       # [T, k]
     ranks = torch.arange(num_ranks)
     hit = (dst.unsqueeze(-1) == ranks) & slot_ok.unsqueeze(-1)                     # [T, k, R]
@@ -218,21 +231,72 @@ def reroute_per_rank(topk_ids: torch.Tensor, src_rank: torch.Tensor, num_ranks: 
     return out
 
 
+@dataclass(frozen=True)
+class ErrorAware:
+    """One layer's error-aware table inputs (`core.reroute.error_aware_gain(C, N)`) and settings.
+
+    scale, gain: [E, E] float32; threshold: gain threshold; unmatched: the `unmatched` modes to count
+    (each gives an arm alone and one composed with the rank-aware choice).
+    """
+
+    scale: torch.Tensor
+    gain: torch.Tensor
+    threshold: float = 0.0
+    unmatched: tuple[str, ...] = ("drop", "keep")
+
+
+def error_aware_per_rank(topk_ids: torch.Tensor, weights: torch.Tensor, src_rank: torch.Tensor, num_ranks: int,
+                         ea: ErrorAware, select_top_k: int, unmatched: str,
+                         expert_ranks: torch.Tensor | None = None,
+                         valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The error-aware rule (`core.reroute.error_aware`) on each data-parallel rank's own tokens:
+    weight-ordered [T, k] ids and weights -> (ids, weights). expert_ranks given: rank-aware choice."""
+    from sere_dist.core.reroute import error_aware
+
+    out_ids, out_w = topk_ids.clone(), weights.clone()
+    for r in range(num_ranks):
+        idx = torch.nonzero(src_rank == r).flatten()
+        if idx.numel() == 0:
+            continue
+        v = None if valid is None else valid[idx].unsqueeze(0)
+        new, w = error_aware(topk_ids[idx].unsqueeze(0), weights[idx].unsqueeze(0), ea.scale, ea.gain,
+                             select_top_k, ea.threshold, v, unmatched, expert_ranks)
+        out_ids[idx], out_w[idx] = new[0], w[0]
+    return out_ids, out_w
+
+
+def error_aware_arms(ea: ErrorAware) -> tuple[str, ...]:
+    """Routing names `compare_rerouting` adds for `ea`: error_aware_<unmatched>[_rank_aware]."""
+    return tuple(f"error_aware_{u}{suffix}" for u in ea.unmatched for suffix in ("", "_rank_aware"))
+
+
 def compare_rerouting(topk_ids: torch.Tensor, src_rank: torch.Tensor, sim: torch.Tensor, select_top_k: int,
                       threshold: float, expert_ranks: torch.Tensor, wire: Wire,
                       backends: tuple[str, ...] = BACKENDS,
-                      valid: torch.Tensor | None = None) -> dict[str, dict[str, TrafficReport]]:
-    """Traffic before re-routing, after the paper's rule and after the rank-aware rule.
+                      valid: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+                      error_aware: ErrorAware | None = None) -> dict[str, dict[str, TrafficReport]]:
+    """Traffic before re-routing, after the paper's rule and after the rank-aware rule; with
+    `weights` ([T, k], ordered like the ids, largest first) and `error_aware`, also after the
+    error-aware rule for each of its `unmatched` modes, alone and with the rank-aware choice.
 
     expert_ranks: [E, R] bool with one rank per expert. Returns {routing: {backend: report}} with
-    routing in ("none", "paper", "rank_aware").
+    routing in ("none", "paper", "rank_aware") + `error_aware_arms(error_aware)`. Weights are passed to
+    `traffic` (a weight-0 slot sends nothing); the paper and rank-aware rules leave them unchanged.
     """
     r = expert_ranks.shape[1]
     slot_rank = placement_ranks(expert_ranks)
     routings = {
-        "none": topk_ids,
-        "paper": reroute_per_rank(topk_ids, src_rank, r, sim, select_top_k, threshold, None, valid),
-        "rank_aware": reroute_per_rank(topk_ids, src_rank, r, sim, select_top_k, threshold, expert_ranks, valid),
+        "none": (topk_ids, weights),
+        "paper": (reroute_per_rank(topk_ids, src_rank, r, sim, select_top_k, threshold, None, valid), weights),
+        "rank_aware": (reroute_per_rank(topk_ids, src_rank, r, sim, select_top_k, threshold, expert_ranks, valid),
+                       weights),
     }
-    return {name: {b: traffic(ids, src_rank, slot_rank, r, b, wire, valid) for b in backends}
-            for name, ids in routings.items()}
+    if error_aware is not None:
+        if weights is None:
+            raise ValueError("the error-aware rule needs the routing weights")
+        for u in error_aware.unmatched:
+            for suffix, place in (("", None), ("_rank_aware", expert_ranks)):
+                routings[f"error_aware_{u}{suffix}"] = error_aware_per_rank(
+                    topk_ids, weights, src_rank, r, error_aware, select_top_k, u, place, valid)
+    return {name: {b: traffic(ids, src_rank, slot_rank, r, b, wire, valid, w) for b in backends}
+            for name, (ids, w) in routings.items()}
