@@ -305,16 +305,21 @@ def test_batched_error_aware_matches_the_torch_reference_bit_for_bit(unmatched, 
         assert torch.equal(new_w, ref_w)
 
 
-def test_error_aware_renorm_drops_a_low_gain_slot_and_rescales_the_token_to_its_original_sum():
-    from sere_dist.eval.baselines import error_aware_batched
-
-    # experts 0, 1 primary (top-1 of two tokens); expert 2 substitutes well by 1 (gain 0.9), expert 3 by none
+def _planted_two_tokens():
+    """Experts 0, 1 primary (top-1 of two tokens); expert 2 substitutes well by 1 (gain 0.9), 3 by none."""
     gain = torch.zeros(4, 4)
     gain[2, 1], gain[3, 0] = 0.9, 0.1
     scale = torch.zeros(4, 4)
     scale[2, 1], scale[3, 0] = 0.5, 0.2
     ids = torch.tensor([[[0, 2, 3], [1, 0, 2]]])
     w = torch.tensor([[[0.5, 0.3, 0.2], [0.6, 0.3, 0.1]]])
+    return ids, w, scale, gain
+
+
+def test_error_aware_renorm_drops_a_low_gain_slot_and_rescales_the_token_to_its_original_sum():
+    from sere_dist.eval.baselines import error_aware_batched
+
+    ids, w, scale, gain = _planted_two_tokens()
     new_ids, new_w = error_aware_batched(ids, w, scale, gain, 1, 0.5, None, "renorm")
     assert new_ids.tolist() == [[[0, 1, 0], [1, 0, 1]]]
     # token 0: slot 2 (expert 3, gain 0.1 < 0.5) dropped, kept weights 0.5 and 0.3*0.5 rescaled by 1/0.8
@@ -324,12 +329,7 @@ def test_error_aware_renorm_drops_a_low_gain_slot_and_rescales_the_token_to_its_
 def test_error_aware_keep_sum_gives_the_lost_weight_to_the_tokens_own_slots():
     from sere_dist.eval.baselines import error_aware_batched
 
-    gain = torch.zeros(4, 4)
-    gain[2, 1], gain[3, 0] = 0.9, 0.1
-    scale = torch.zeros(4, 4)
-    scale[2, 1], scale[3, 0] = 0.5, 0.2
-    ids = torch.tensor([[[0, 2, 3], [1, 0, 2]]])
-    w = torch.tensor([[[0.5, 0.3, 0.2], [0.6, 0.3, 0.1]]])
+    ids, w, scale, gain = _planted_two_tokens()
     new_ids, new_w = error_aware_batched(ids, w, scale, gain, 1, 0.5, None, "renorm", keep_sum=True)
     assert new_ids.tolist() == [[[0, 1, 0], [1, 0, 1]]]
     # token 0: moved slot 0.3*0.5 = 0.15, dropped 0.2: slot 0 gets 1 - 0.15 = 0.85
