@@ -21,6 +21,12 @@ from sere_dist.core.config import SereConfig, SereConfigError
     ({"gain_threshold": math.inf}, "gain_threshold"),
     ({"unmatched": "discard"}, "unmatched"),
     ({"gain_weighting": "tokens"}, "gain_weighting"),
+    # a setting the mode ignores is refused, not silently dropped
+    ({"gain_threshold": 0.5}, r"sere.gain_threshold=0.5 applies to the error-aware modes only, but sere.mode is 'paper'"),
+    ({"mode": "rank_aware", "unmatched": "drop"}, r"sere.unmatched='drop' applies to the error-aware modes only"),
+    ({"gain_weighting": "count"}, "sere.gain_weighting"),
+    ({"mode": "error_aware", "threshold": 0.5}, r"sere.threshold=0.5 .* unused in sere.mode='error_aware'; set "
+                                                r"sere.gain_threshold"),
 ])
 def test_invalid_settings_name_the_field(kwargs, field):
     with pytest.raises(SereConfigError, match=field.replace("[", r"\[").replace("]", r"\]")):
@@ -109,7 +115,15 @@ def test_error_aware_modes_use_the_gain_threshold_and_map_to_the_ops_rule():
     assert cfg.error_aware and cfg.rule == "paper"
     assert cfg.for_layer(0) == (2, 0.25) and cfg.for_layer(1) == (2, 0.75)   # a layer override is its gain threshold
     assert SereConfig(mode="error_aware_rank_aware").rule == "rank_aware"
-    assert SereConfig(mode="paper", gain_threshold=0.9).for_layer(0) == (2, 0.3)
+    assert SereConfig(mode="paper", threshold=0.4).for_layer(0) == (2, 0.4)
     assert not SereConfig(mode="top_s").error_aware
     back = SereConfig.from_dict(cfg.to_dict())
     assert back == cfg
+
+
+def test_a_serve_config_with_a_setting_its_mode_ignores_is_refused_in_one_line():
+    from sere_dist.serve.config import ServeArgs
+
+    with pytest.raises(SereConfigError, match=r"^sere.unmatched='drop' applies to the error-aware modes only") as e:
+        ServeArgs.from_dict({"sere": {"mode": "paper", "unmatched": "drop"}})
+    assert "\n" not in str(e.value)

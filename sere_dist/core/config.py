@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter, ValidationError
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter, ValidationError,
+                      model_validator)
 
 METRICS = ("frobenius", "cosine", "cka_linear", "cka_rbf")
 PHASES = ("decode", "all")
@@ -257,6 +258,24 @@ class SereConfig(StrictModel):
     count_every: Annotated[StrictInt, Field(ge=0, description="count every Nth forward step; 1 = every step, "
                                                               "0 = counters off")] = 1
     record: Annotated[StrictInt, Field(ge=0, description="batches to keep per layer, >= 0")] = 0
+
+    @model_validator(mode="after")
+    def _refuse_fields_the_mode_ignores(self) -> "SereConfig":
+        """A setting the chosen mode would ignore is an error, not a silent no-op."""
+        fields = type(self).model_fields
+        if not self.error_aware:
+            for name in ("gain_threshold", "unmatched", "gain_weighting"):
+                if getattr(self, name) != fields[name].default:
+                    raise SereConfigError(
+                        f"sere.{name}={getattr(self, name)!r} applies to the error-aware modes only, but "
+                        f"sere.mode is {self.mode!r}; set sere.mode to error_aware (or error_aware_rank_aware) "
+                        f"or remove sere.{name}")
+        elif self.threshold != fields["threshold"].default:
+            raise SereConfigError(
+                f"sere.threshold={self.threshold!r} is the paper rule's similarity threshold (rho), unused in "
+                f"sere.mode={self.mode!r}; set sere.gain_threshold instead (a layer override's threshold is "
+                f"the gain threshold there)")
+        return self
 
     @property
     def error_aware(self) -> bool:
