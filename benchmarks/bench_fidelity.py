@@ -187,11 +187,15 @@ def distinct_by_s(routing: dict[int, torch.Tensor], batch: int, order: torch.Ten
     return out
 
 
-def s_values_for(fracs_by_s: list[float], targets) -> list[int]:
-    """The S values whose active fractions bracket each reachable target (S in 1..k-1; k = unmodified)."""
+def s_values_for(fracs_by_s: list[float], targets, tolerance: float = 0.0) -> list[int]:
+    """The S values whose active fractions bracket each reachable target (S in 1..k-1; k = unmodified);
+    a target at most `tolerance` below S = 1's fraction is taken at S = 1."""
     k = len(fracs_by_s)
     need = set()
     for f in targets:
+        if fracs_by_s[0] - tolerance <= f < fracs_by_s[0] and k > 1:
+            need.add(1)
+            continue
         for s in range(1, k):
             lo, hi = fracs_by_s[s - 1], fracs_by_s[s]
             if lo <= f <= hi:
@@ -200,10 +204,17 @@ def s_values_for(fracs_by_s: list[float], targets) -> list[int]:
     return sorted(need)
 
 
-def interpolate(points: dict[int, dict], target: float, unmodified: dict) -> tuple[dict, dict] | None:
+def interpolate(points: dict[int, dict], target: float, unmodified: dict,
+                tolerance: float = 0.0) -> tuple[dict, dict] | None:
     """Mix the two S points (or S = k-1 and the unmodified model) whose experts bracket `target`
-    experts: per-sequence kl/agree and experts as the convex combination. None when unreachable."""
+    experts: per-sequence kl/agree and experts as the convex combination. A target at most `tolerance`
+    experts below the lowest point is that point (`at_lowest`: the fraction it stands for is a little
+    above the target). None when unreachable."""
     pts = sorted(points.items(), key=lambda kv: kv[1]["experts"]) + [(None, unmodified)]
+    s0, low = pts[0]
+    if s0 is not None and low["experts"] - tolerance <= target < low["experts"] - 1e-9:
+        return {key: low[key] for key in ("kl", "agree")}, {"S_low": s0, "S_high": s0, "mix": 0.0,
+                                                             "at_lowest": True, "experts_actual": low["experts"]}
     for (s_a, a), (s_b, b) in zip(pts, pts[1:]):
         if a["experts"] - 1e-9 <= target <= b["experts"] + 1e-9:
             lam = 0.0 if b["experts"] == a["experts"] else (target - a["experts"]) / (b["experts"] - a["experts"])
@@ -253,7 +264,7 @@ def run_model(name: str, path: Path, args) -> dict:
         per_s = distinct_by_s(routing, b, order, num_experts)
         ref_experts = per_s[-1]
         fracs = [v / ref_experts for v in per_s]
-        s_set = s_values_for(fracs, args.fractions)
+        s_set = s_values_for(fracs, args.fractions, args.fraction_tolerance)
         acc: dict[str, dict[int, dict]] = {m: {} for m in args.methods}
         for m in args.methods:
             for s in s_set:
@@ -271,7 +282,8 @@ def run_model(name: str, path: Path, args) -> dict:
                                "unmodified_experts": ref_experts, "topS_fracs_unmodified": fracs,
                                "S_evaluated": s_set, "points": points, "seconds": round(time.time() - tb, 1)})
         for f in args.fractions:
-            mixed = {m: interpolate(acc[m], f * ref_experts, unmod) for m in args.methods}
+            mixed = {m: interpolate(acc[m], f * ref_experts, unmod, args.fraction_tolerance * ref_experts)
+                     for m in args.methods}
             gone = [m for m, v in mixed.items() if v is None]     # e.g. a keep variant above the target
             if gone:
                 res.setdefault("unreachable", []).append({"batch": b, "experts_frac": f, "methods": gone})
@@ -294,6 +306,8 @@ def run_model(name: str, path: Path, args) -> dict:
                                     "kl": mean_kl[m], "top1": float(vals["agree"].sum() / tokens_per_seq.sum()),
                                     "seeds": args.seeds, "tokens": int(tokens_per_seq.sum()), "best_other": best,
                                     "kl_gain": est, "kl_gain_ci95": [lo, hi], **how,
+                                    **({"experts_frac_actual": how["experts_actual"] / ref_experts}
+                                       if "experts_actual" in how else {}),
                                     **({"error_aware": ea_settings(m, args.ea_default)} if is_error_aware(m) else {})})
             if "random" in mixed and "oracle" in mixed:
                 est, lo, hi = paired_bootstrap((mixed["random"][0]["kl"] - mixed["oracle"][0]["kl"])[used],
@@ -377,6 +391,9 @@ def main(argv=None) -> int:
                    help="methods to run; error-aware variants as error_aware_<count|router>_<keep|drop|renorm>_t<g>")
     p.add_argument("--fractions", nargs="+", type=float, default=list(FRACTIONS),
                    help="active-expert fractions to report (e.g. 0.5 0.625); only the S values they need run")
+    p.add_argument("--fraction-tolerance", type=float, default=0.01,
+                   help="a fraction at most this far below S = 1's is reported at S = 1 (rows say at_lowest, "
+                        "with the fraction actually active); 0 = only fractions reached by mixing")
     p.add_argument("--ea-weighting", choices=EA_WEIGHTINGS, default=EA_DEFAULT["weighting"],
                    help="routed-token weighting of the `error_aware` method's C, N")
     p.add_argument("--ea-unmatched", choices=EA_UNMATCHED, default=EA_DEFAULT["unmatched"],

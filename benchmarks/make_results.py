@@ -69,7 +69,7 @@ def cmd_line(d: dict, fallback: str) -> str:
 
 def fidelity_section(d: dict, title: str = "Fidelity at equal active experts (SERE, the baselines, the oracle bound)",
                      stem: str = "fidelity") -> tuple[str, list[str]]:
-    from bench_fidelity import METHODS, is_deployable, label
+    from bench_fidelity import DEPLOYABLE, METHODS, label
 
     lines = [f"## {title}", "",
              cmd_line(d, "python benchmarks/bench_fidelity.py") + f" ({d.get('wall_s', '?')} s; load "
@@ -82,7 +82,9 @@ def fidelity_section(d: dict, title: str = "Fidelity at equal active experts (SE
              "KL(unmodified || method) x 1e3 nats/token, top-1 agreement in brackets, then the paired bootstrap 95% "
              "interval (over sequences) of KL(best other deployable method) - KL(this method), x 1e3: **bold** = "
              "the interval excludes zero in this method's favour (it wins), *italic* = it loses. The oracle is an "
-             f"upper bound that reads the true expert outputs; it is never the 'best other'. {d.get('seeds', '?')} "
+             f"upper bound that reads the true expert outputs; it is never the 'best other'. A cell ending in @x% "
+             "is below the S = 1 fraction and reported at S = 1 (x% active; `--fraction-tolerance`). "
+             f"{d.get('seeds', '?')} "
              "seeds (which sequences share a batch, random's draws).", ""]
     notes: list[str] = []
     verdicts: list[str] = []
@@ -117,13 +119,15 @@ def fidelity_section(d: dict, title: str = "Fidelity at equal active experts (SE
                         continue
                     lo, hi = r["kl_gain_ci95"]
                     cell = f"{r['kl'] * 1e3:.2f} ({r['top1']:.3f}) [{lo * 1e3:+.2f}, {hi * 1e3:+.2f}]"
+                    if r.get("at_lowest"):
+                        cell += f" @{r['experts_frac_actual']:.1%}"
                     row.append(f"**{cell}**" if lo > 0 else (f"*{cell}*" if hi < 0 else cell))
                 out.append(row)
             lines.append(table(["method"] + [f"{f:.1%} active" for f in fr], out))
             lines.append("")
             for f in fr:
                 cell = {r["method"]: r for r in rows_b if r["experts_frac"] == f}
-                dep = {k: v for k, v in cell.items() if is_deployable(k)}
+                dep = {k: v for k, v in cell.items() if k in DEPLOYABLE}   # variants: in the table only
                 if not dep:
                     continue
                 best = min(dep.values(), key=lambda r: r["kl"])
