@@ -264,7 +264,7 @@ def ensure_model(args) -> tuple[Path, Path]:
         t = time.time()
         subprocess.run([sys.executable, "-c", code], check=True)
         print(f"wrote {ckpt} in {time.time() - t:.0f} s", flush=True)
-    art = ckpt.with_name(ckpt.name + f"-sim-{args.sim}")
+    art = ckpt.with_name(ckpt.name + f"-sim-{args.sim}-f2")
     if not (art / "metadata.json").exists():
         import torch
 
@@ -285,7 +285,11 @@ def ensure_model(args) -> tuple[Path, Path]:
             for i in fp.moe_layers:
                 m = torch.rand(args.experts, args.experts, generator=g)
                 mats[i] = ((m + m.t()) / 2).fill_diagonal_(1.0)
-        SimilarityArtifact(matrices=mats, fingerprint=fp, metric="frobenius", tokens=0,
+        # Routed-token statistics for the error-aware modes, matching the similarity: unit-norm expert
+        # outputs whose inner products are the similarity (C = sim, N = 1), so a = sim and gain = sim^2.
+        routed = {i: {w: (m.double().clone(), torch.ones_like(m, dtype=torch.float64)) for w in ("count", "router")}
+                  for i, m in mats.items()}
+        SimilarityArtifact(matrices=mats, fingerprint=fp, metric="frobenius", tokens=0, routed=routed,
                            extra={"synthetic": args.sim, "weights": args.kind}).save(art, overwrite=True)
     return ckpt, art
 
@@ -370,11 +374,19 @@ def set_arm(llm, arm: str, k: int) -> None:
         sere_control(llm, enabled=True, select_top_k=s, reset=True)
 
 
+def rule_threshold(args, rule: str) -> dict:
+    """rho for the paper's and the rank-aware rule; for the error-aware modes the gain threshold that moves
+    the same slots on the synthetic artifact (gain = similarity^2 there), unmatched slots kept."""
+    if rule.startswith("error_aware"):
+        return {"gain_threshold": round(args.rho ** 2, 6)}
+    return {"threshold": args.rho}
+
+
 def measure_cpu(args, ckpt: Path, art: Path, rule: str) -> tuple[list[dict], dict]:
     """One eager engine per rule; every arm of every batch size in it, ABBA. Returns (samples, engine info)."""
     from sere_dist.engine.stats import sere_stats
 
-    sere = {"artifact": str(art), "select_top_k": args.s_values[0], "threshold": args.rho, "mode": rule}
+    sere = {"artifact": str(art), "select_top_k": args.s_values[0], "mode": rule, **rule_threshold(args, rule)}
     eng = Engine(ckpt, art, args, sere, eager=True)
     print(f"engine up (rule {rule}); worker: {eng.info}", flush=True)
     samples = []
@@ -408,8 +420,8 @@ def measure_gpu(args, ckpt: Path, art: Path, rule: str) -> tuple[list[dict], dic
     samples = []
     try:
         for arm in arms:
-            sere = None if arm == "plain" else {"artifact": str(art), "select_top_k": int(arm[2:]),
-                                                "threshold": args.rho, "mode": rule}
+            sere = None if arm == "plain" else {"artifact": str(art), "select_top_k": int(arm[2:]), "mode": rule,
+                                                **rule_threshold(args, rule)}
             t = time.time()
             engines[arm] = Engine(ckpt, art, args, sere, eager=False)
             print(f"engine {arm} up in {time.time() - t:.0f} s (CUDA graphs)", flush=True)
@@ -476,7 +488,9 @@ def summarize(samples: list[dict], args, gpu: bool) -> tuple[list[dict], list[di
                 row = {"experts": args.experts, "hidden": args.hidden, "batch": b, "rule": rule, "S": s,
                        "rho": args.rho, "plain_ms": r3(plain), "sere_ms": r3(sere), "speedup": r3(speed),
                        "moe_share": r3(share), "distinct_before": r3(before), "distinct_after": r3(after),
-                       "bound_speedup": r3(bound)}
+                       "bound_speedup": r3(bound),
+                       **({"gain_threshold": rule_threshold(args, rule)["gain_threshold"]}
+                          if rule.startswith("error_aware") else {})}
                 head.append(row)
                 detail.append({**row, "layers": args.layers, "intermediate": args.intermediate,
                                "of_bound": r3((speed - 1) / (bound - 1)) if (speed and bound and bound > 1) else None,

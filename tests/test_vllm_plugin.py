@@ -313,9 +313,11 @@ def test_compiled_cpu_mode_reroutes_exactly_the_decode_tokens(workdir, mode):
     ckpt = write_checkpoint(workdir / "compiled-planted", TinySpec(family="qwen3_moe", num_experts=16, top_k=4),
                             kind="planted")
     art = _cluster_artifact(ckpt, workdir / f"compiled-sim-{mode}", routed=mode == "error_aware")
-    sere = {"artifact": str(art), "select_top_k": 1, "threshold": 0.5}
+    sere = {"artifact": str(art), "select_top_k": 1}
     if mode == "error_aware":
         sere.update(mode="error_aware", gain_threshold=0.5, unmatched="drop")
+    else:
+        sere.update(threshold=0.5)
     llm = make_llm(ckpt, sere=sere, enforce_eager=False)
     try:
         greedy(llm, PROMPTS[:2])
