@@ -333,7 +333,8 @@ def tpot_section(d: dict) -> tuple[str, list[str]]:
     lines = [f"## Decode TPOT, SERE vs plain ({'GPU' if gpu else 'CPU'}), with the bound the MoE share allows", "",
              cmd_line(d, "python benchmarks/bench_tpot.py") + f" ({d.get('wall_s', '?')} s). Model: {m['kind']} bf16 "
              f"Qwen3-MoE shape, {m['experts']} experts, top-{m['top_k']}, hidden {m['hidden']}, expert intermediate "
-             f"{m['intermediate']}, {m['layers']} layers; {where}; rho = {d['rho']} on a synthetic similarity; "
+             f"{m['intermediate']}, {m['layers']} layers; {where}; rho = {d['rho']} on a synthetic similarity (the "
+             f"error-aware rule: gain threshold rho^2, which moves the same slots on it); "
              f"{d['tokens']} tokens per run, ABBA over {d['repeats']} rounds, medians. TPOT: {d.get('tpot')}. "
              "MoE share = MoE-layer time per step (measured inside the worker) / plain TPOT; bound = "
              "1 / ((1 - share) + share x after / before); *of bound* = (speed-up - 1) / (bound - 1). "
@@ -365,7 +366,7 @@ def tpot_section(d: dict) -> tuple[str, list[str]]:
     for r in d["rows"]:
         if r["batch"] in (1, 16) and r["speedup"] is not None:
             notes.append(f"{'GPU' if gpu else 'vLLM-CPU'} decode, E={r['experts']} hidden {r['hidden']}, batch "
-                         f"{r['batch']}, S={r['S']}: TPOT speed-up {r['speedup']:.2f}x (bound {fmt(r['bound_speedup'], 2)}x "
+                         f"{r['batch']}, {r['rule']} rule, S={r['S']}: TPOT speed-up {r['speedup']:.2f}x (bound {fmt(r['bound_speedup'], 2)}x "
                          f"at MoE share {fmt(r['moe_share'], 2)}; experts/layer {fmt(r['distinct_before'], 1)} → "
                          f"{fmt(r['distinct_after'], 1)})")
     return "\n".join(lines), notes
