@@ -107,7 +107,8 @@ def start_writer(local_stats: Callable[[], dict[str, dict[str, int]]]) -> None:
 def sere_control(llm, enabled: bool | None = None, select_top_k: int | None = None,
                  threshold: float | None = None, reset: bool = False) -> None:
     """Change SERE settings of a running eager offline engine (benchmarks and tests: pairwise runs
-    in one engine). S outside 1..k or rho outside [0, 1] raises SereConfigError and changes nothing."""
+    in one engine). `threshold` is rho, or the gain threshold in the error-aware modes. S outside 1..k or a
+    threshold outside [0, 1] raises SereConfigError and changes nothing."""
     if threshold is not None:
         check_value(Threshold, threshold, "threshold")
     if select_top_k is not None:
