@@ -98,10 +98,9 @@ def is_error_aware(method: str) -> bool:
 
 
 def is_deployable(method: str) -> bool:
-    """Servable by the plugin: the baselines but the oracle, and the error-aware settings SereConfig offers
-    (the `_sum` variants are a benchmark-only prototype)."""
-    st = ea_settings(method)
-    return method in DEPLOYABLE or (st is not None and not st["keep_sum"])
+    """Servable by the plugin: the baselines but the oracle, and every error-aware setting (SereConfig's
+    gain_weighting, unmatched, gain_threshold, keep_sum)."""
+    return method in DEPLOYABLE or is_error_aware(method)
 
 
 def label(method: str) -> str:
@@ -109,7 +108,7 @@ def label(method: str) -> str:
         return LABELS[method]
     st = ea_settings(method)
     return (f"error-aware {st['weighting']}, {st['unmatched']}, g>={st['threshold']:g}"
-            + (", sum kept (prototype, not served)" if st["keep_sum"] else ""))
+            + (", keep_sum" if st["keep_sum"] else ""))
 
 
 def method_arg(value: str) -> str:

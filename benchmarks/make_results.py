@@ -158,11 +158,30 @@ def fidelity_section(d: dict, title: str = "Fidelity at equal active experts (SE
                         + (f"loses significantly in {len(sere_loses)} of {cells} cells ({', '.join(sere_loses[:6])}"
                            f"{', ...' if len(sere_loses) > 6 else ''})." if sere_loses else
                            f"never loses significantly ({cells} cells).")
-                        + f" Its mean KL is below random re-routing's in {beats_random} of {len(pairs)} cells.")
+                        + f" Its mean KL is below random re-routing's in {beats_random} of {len(pairs)} cells."
+                        + _error_aware_verdict(m["rows"]))
     if verdicts:
         lines[1:1] = ["", "Which method wins where:", ""] + [f"- {v}" for v in verdicts] + [""]
         notes.append(f"{title}, paired 95% intervals: " + " ".join(verdicts))
     return "\n".join(lines), notes
+
+
+def _error_aware_verdict(rows: list[dict]) -> str:
+    """Where several error-aware settings ran: the best of them per cell against the best method that is
+    not error-aware (its paired interval as bench_fidelity computed it)."""
+    from bench_fidelity import is_error_aware, label
+
+    ea = [r for r in rows if is_error_aware(r["method"])]
+    if len({r["method"] for r in ea}) < 2:
+        return ""
+    cells = []
+    for b, f in sorted({(r["batch"], r["experts_frac"]) for r in ea}):
+        best = min((r for r in ea if r["batch"] == b and r["experts_frac"] == f), key=lambda r: r["kl"])
+        lo, hi = best["kl_gain_ci95"]
+        verdict = "wins" if lo > 0 else ("loses" if hi < 0 else "ties")
+        cells.append(f"B={b} {f:.1%}: {label(best['method'])} {verdict} vs {best['best_other']} "
+                     f"[{lo * 1e3:+.2f}, {hi * 1e3:+.2f}]")
+    return " Best error-aware setting per cell: " + "; ".join(cells) + "."
 
 
 def headline(results: dict[str, dict]) -> dict:

@@ -381,14 +381,19 @@ void route_cpu_kernel(const Id* ids, const W* wts, Id* out_ids, W* out_w, const 
       }
       if (scale != nullptr) {  // the error-aware rule (sere_reroute.h): scale, drop or renormalise
         const Id first = sid[0];
-        const bool renorm = unmatched == sere::kUnmatchedRenorm;
-        float total = 0.0f, part = 0.0f;
+        const int how = unmatched & 3;
+        const bool keep_sum = (unmatched & sere::kKeepSumFlag) != 0;
+        const bool renorm = how == sere::kUnmatchedRenorm && !keep_sum;
+        float total = 0.0f, part = 0.0f, lost = 0.0f;
+        float w_in[sere::kMaxTopK];
+        uint32_t own = 0;
         for (int j = 0; j < k; ++j) {
           const float w0 = sw[j];
+          w_in[j] = w0;
           const uint32_t bit = 1u << j;
-          const bool drop = unmatched != sere::kUnmatchedKeep && (off & bit) && !(moved & bit);
-          if (renorm) {
-            const float c = drop ? 0.0f : w0;
+          const bool drop = how != sere::kUnmatchedKeep && (off & bit) && !(moved & bit);
+          if (renorm || keep_sum) {
+            const float c = (drop || (keep_sum && (moved & bit))) ? 0.0f : w0;
             total = j == 0 ? w0 : total + w0;
             part = j == 0 ? c : part + c;
           }
@@ -399,12 +404,24 @@ void route_cpu_kernel(const Id* ids, const W* wts, Id* out_ids, W* out_w, const 
             sw[j] = 0.0f;
             kept[j] = false;
             ++rerouted;
+          } else {
+            own |= bit;
+          }
+          if (keep_sum) {
+            const float m = (moved & bit) ? sw[j] : 0.0f;
+            lost = j == 0 ? m : lost + m;
           }
         }
         if (renorm) {
           const float r = total / std::max(part, 1e-12f);  // NaN stays NaN, as torch's clamp
           for (int j = 0; j < k; ++j)
             if (kept[j]) sw[j] = sw[j] * r;
+        }
+        if (keep_sum) {
+          float r = (total - lost) / std::max(part, 1e-12f);
+          r = r < 0.0f ? 0.0f : r;  // NaN stays NaN, as torch's clamp
+          for (int j = 0; j < k; ++j)
+            if (own & (1u << j)) sw[j] = w_in[j] * r;
         }
       }
     }
@@ -550,8 +567,9 @@ void check_route_inputs(const Tensor& ids, const Tensor& w, const Tensor& sim, i
                 gate->sizes());
     TORCH_CHECK(gate->device() == ids.device(), "sere_dist::route: count_gate on ", gate->device());
   }
-  TORCH_CHECK(unmatched >= sere::kUnmatchedKeep && unmatched <= sere::kUnmatchedRenorm,
-              "sere_dist::route: unmatched must be 0 (keep), 1 (drop) or 2 (renorm), got ", unmatched);
+  TORCH_CHECK(unmatched >= 0 && unmatched <= 7 && sere::valid_unmatched(static_cast<int>(unmatched)),
+              "sere_dist::route: unmatched must be 0 (keep), 1 (drop) or 2 (renorm), plus 4 for keep_sum, got ",
+              unmatched);
   if (scale.has_value()) {
     TORCH_CHECK(rule != sere::kRuleTopS,
                 "sere_dist::route: scale (the error-aware rule) needs rule 0 (paper) or 1 (rank_aware), got rule 2 "

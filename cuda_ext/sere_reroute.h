@@ -28,7 +28,12 @@
 //                 2 renorm: dropped as 1, then every kept slot's (already scaled) weight times
 //                           r = total / max(part, 1e-12), total = sum of the token's ordered original
 //                           weights left to right, part = the same with dropped slots adding 0.0
-//                           (applied to every valid token, also when nothing was dropped).
+//                           (applied to every valid token, also when nothing was dropped);
+//               plus the flag 4 (keep_sum, replaces renorm): every valid token's slots that were neither
+//               moved nor dropped ("own") get weight w * r, r = max((total - moved) / max(own, 1e-12), 0),
+//               total and own as above (own: the own slots' original weights), moved = the sum of the
+//               moved slots' scaled weights, all left to right in float32: the weight the token lost goes
+//               to its own experts and its weights keep their sum.
 //               Dropped slots count as changed and are not "kept" (not merged, not in "distinct after").
 //   merge     = a valid token's later kept copy of an expert adds its weight to the first copy, gets 0
 //   counts   += [distinct experts before, distinct after (kept slots), changed or dropped slots,
@@ -46,6 +51,10 @@ constexpr int kMaxRanks = 64;  // rank-aware rule: the ranks of an expert fit a 
 
 enum Rule : int { kRulePaper = 0, kRuleRankAware = 1, kRuleTopS = 2 };
 enum Unmatched : int { kUnmatchedKeep = 0, kUnmatchedDrop = 1, kUnmatchedRenorm = 2 };  // reroute.UNMATCHED_IDS
+constexpr int kKeepSumFlag = 4;  // or-ed into `unmatched` (reroute.KEEP_SUM_FLAG)
+inline bool valid_unmatched(int code) {
+  return (code & ~(kKeepSumFlag | 3)) == 0 && (code & 3) <= kUnmatchedRenorm;
+}
 
 enum IdType : int { kInt32 = 0, kInt64 = 1 };
 enum SimType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };

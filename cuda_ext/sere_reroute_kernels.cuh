@@ -428,14 +428,19 @@ route_kernel(const Id* ids, const W* wts, Id* out_ids, W* out_w, const Sim* __re
       }
       if (scale != nullptr) {  // the error-aware rule (sere_reroute.h): scale, drop or renormalise
         const Id first = sid[0];
-        const bool renorm = unmatched == sere::kUnmatchedRenorm;
-        float total = 0.0f, part = 0.0f;
+        const int how = unmatched & 3;
+        const bool keep_sum = (unmatched & sere::kKeepSumFlag) != 0;
+        const bool renorm = how == sere::kUnmatchedRenorm && !keep_sum;
+        float total = 0.0f, part = 0.0f, lost = 0.0f;
+        float w_in[sere::kMaxTopK];
+        unsigned own = 0;
         for (int j = 0; j < k; ++j) {
           const float w0 = wv[j];
+          w_in[j] = w0;
           const unsigned bit = 1u << j;
-          const bool drop = unmatched != sere::kUnmatchedKeep && (off & bit) && !(moved & bit);
-          if (renorm) {
-            const float c = drop ? 0.0f : w0;
+          const bool drop = how != sere::kUnmatchedKeep && (off & bit) && !(moved & bit);
+          if (renorm || keep_sum) {
+            const float c = (drop || (keep_sum && (moved & bit))) ? 0.0f : w0;
             total = j == 0 ? w0 : total + w0;
             part = j == 0 ? c : part + c;
           }
@@ -447,12 +452,24 @@ route_kernel(const Id* ids, const W* wts, Id* out_ids, W* out_w, const Sim* __re
             wv[j] = 0.0f;
             kept[j] = false;
             ++my_rerouted;
+          } else {
+            own |= bit;
+          }
+          if (keep_sum) {
+            const float m = (moved & bit) ? wv[j] : 0.0f;
+            lost = j == 0 ? m : lost + m;
           }
         }
         if (renorm) {
           const float r = total / (part < 1e-12f ? 1e-12f : part);  // NaN stays NaN, as torch's clamp
           for (int j = 0; j < k; ++j)
             if (kept[j]) wv[j] = __fmul_rn(wv[j], r);
+        }
+        if (keep_sum) {
+          float r = (total - lost) / (part < 1e-12f ? 1e-12f : part);
+          r = r < 0.0f ? 0.0f : r;  // NaN stays NaN, as torch's clamp
+          for (int j = 0; j < k; ++j)
+            if (own & (1u << j)) wv[j] = __fmul_rn(w_in[j], r);
         }
       }
     }
@@ -529,7 +546,7 @@ cudaError_t launch_route(const void* ids, const void* w, void* out_ids, void* ou
   if (num_experts < 1 || num_experts > sere::kMaxExperts || k < 1 || k > sere::kMaxTopK || s < 0 ||
       num_tokens < 0 || num_tokens * k > INT32_MAX || rule < sere::kRulePaper || rule > sere::kRuleTopS ||
       (rule == sere::kRuleRankAware && (ranks == nullptr || num_ranks < 1 || num_ranks > sere::kMaxRanks)) ||
-      unmatched < sere::kUnmatchedKeep || unmatched > sere::kUnmatchedRenorm ||
+      unmatched < 0 || unmatched > 7 || !sere::valid_unmatched(unmatched) ||
       (scale != nullptr && rule == sere::kRuleTopS)) {
     return cudaErrorInvalidValue;
   }

@@ -125,11 +125,11 @@ RULES = {"paper": 0, "rank_aware": 1, "top_s": 2}
 def route(ids: torch.Tensor, weights: torch.Tensor, sim: torch.Tensor, s: int, rho: float,
           valid: torch.Tensor | None = None, *, rule: str = "paper", expert_ranks: torch.Tensor | None = None,
           merge_duplicates: bool = False, counts: torch.Tensor | None = None, count_gate: torch.Tensor | None = None,
-          scale: torch.Tensor | None = None, unmatched: str = "keep", guard: int = 1,
+          scale: torch.Tensor | None = None, unmatched: str = "keep", keep_sum: bool = False, guard: int = 1,
           lib: ctypes.CDLL | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The CUDA `route` kernel's (ids, weights) for CPU tensors; `counts` ([5] int64) is updated in place;
-    `scale` ([E, E] float32) and `unmatched` select the error-aware rule."""
-    from sere_dist.core.reroute import UNMATCHED_IDS
+    `scale` ([E, E] float32), `unmatched` and `keep_sum` select the error-aware rule."""
+    from sere_dist.core.reroute import KEEP_SUM_FLAG, UNMATCHED_IDS
 
     lib = lib or build()
     ids, weights, sim = ids.contiguous(), weights.contiguous(), sim.contiguous()
@@ -142,7 +142,8 @@ def route(ids: torch.Tensor, weights: torch.Tensor, sim: torch.Tensor, s: int, r
     code = lib.sere_route_emu_launch(
         ID_TYPES[ids.dtype], SIM_TYPES[weights.dtype], SIM_TYPES[sim.dtype], _ptr(ids), _ptr(weights), _ptr(out_ids),
         _ptr(out_w), _ptr(sim), _ptr(valid), _ptr(ranks), 0 if ranks is None else ranks.shape[1], ids.shape[0],
-        ids.shape[1], s, sim.shape[0], rho, RULES[rule], int(merge_duplicates), _ptr(scale), UNMATCHED_IDS[unmatched],
+        ids.shape[1], s, sim.shape[0], rho, RULES[rule], int(merge_duplicates), _ptr(scale),
+        UNMATCHED_IDS[unmatched] | (KEEP_SUM_FLAG if keep_sum else 0),
         _ptr(counts), _ptr(count_gate), guard, msg, 512)
     _check(code, msg)
     return out_ids, out_w
@@ -187,7 +188,7 @@ def random_error_aware_case(rng, max_t: int = 700, max_e: int = 400) -> dict:
     """A `random_route_case` for the error-aware rule: rule paper or rank_aware, `sim` as the gain matrix
     (float32 or bf16, sometimes fp16) with the gain threshold as rho, a float32 `scale` (random signs and
     magnitudes, some exact zeros and ones) and `unmatched` keep / drop / renorm. Thresholds above every
-    gain leave secondaries unmatched."""
+    gain leave secondaries unmatched; `keep_sum` in 30% of the cases."""
     case = random_route_case(rng, max_t=max_t, max_e=max_e, rules=("paper", "rank_aware"))
     e = case["sim"].shape[0]
     g = torch.Generator().manual_seed(rng.randrange(2**31))
@@ -200,6 +201,7 @@ def random_error_aware_case(rng, max_t: int = 700, max_e: int = 400) -> dict:
     case.update(sim=gain.to(rng.choice([torch.float32, torch.bfloat16, torch.bfloat16, torch.float16])),
                 rho=rng.choice([0.0, 0.1, 0.3, 0.6, 2.0]), scale=scale,
                 unmatched=rng.choice(["keep", "drop", "renorm"]))
+    case["keep_sum"] = rng.random() < 0.3
     return case
 
 
@@ -209,7 +211,8 @@ def route_reference(case: dict):
 
     return torch_route(case["ids"], case["weights"], case["sim"].float(), case["s"], case["rho"], case["valid"],
                        rule=case["rule"], expert_ranks=case["expert_ranks"], merge_duplicates=case["merge_duplicates"],
-                       scale=case.get("scale"), unmatched=case.get("unmatched", "keep"))
+                       scale=case.get("scale"), unmatched=case.get("unmatched", "keep"),
+                       keep_sum=case.get("keep_sum", False))
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

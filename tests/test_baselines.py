@@ -282,9 +282,10 @@ def test_paired_bootstrap_refuses_mismatched_or_too_small_input():
         paired_bootstrap(torch.ones(3), torch.ones(3), level=1.5)
 
 
+@pytest.mark.parametrize("keep_sum", [False, True])
 @pytest.mark.parametrize("unmatched", ["keep", "drop", "renorm"])
 @pytest.mark.parametrize("threshold", [0.0, 0.3, 0.7])
-def test_batched_error_aware_matches_the_torch_reference_bit_for_bit(unmatched, threshold):
+def test_batched_error_aware_matches_the_torch_reference_bit_for_bit(unmatched, threshold, keep_sum):
     from sere_dist.core.reroute import error_aware, error_aware_gain
     from sere_dist.eval.baselines import error_aware_batched
 
@@ -299,8 +300,8 @@ def test_batched_error_aware_matches_the_torch_reference_bit_for_bit(unmatched, 
     w = torch.rand(g, t, k, generator=gen).sort(-1, descending=True).values
     valid = torch.rand(g, t, generator=gen) > 0.2
     for s in (1, 2, 4):
-        ref_ids, ref_w = error_aware(ids, w, scale, gain, s, threshold, valid, unmatched)
-        new_ids, new_w = error_aware_batched(ids, w, scale, gain, s, threshold, valid, unmatched)
+        ref_ids, ref_w = error_aware(ids, w, scale, gain, s, threshold, valid, unmatched, keep_sum=keep_sum)
+        new_ids, new_w = error_aware_batched(ids, w, scale, gain, s, threshold, valid, unmatched, keep_sum)
         assert torch.equal(new_ids, ref_ids)
         assert torch.equal(new_w, ref_w)
 

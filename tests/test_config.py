@@ -25,6 +25,8 @@ from sere_dist.core.config import SereConfig, SereConfigError
     ({"gain_threshold": 0.5}, r"sere.gain_threshold=0.5 applies to the error-aware modes only, but sere.mode is 'paper'"),
     ({"mode": "rank_aware", "unmatched": "drop"}, r"sere.unmatched='drop' applies to the error-aware modes only"),
     ({"gain_weighting": "count"}, "sere.gain_weighting"),
+    ({"keep_sum": True}, r"sere.keep_sum=True applies to the error-aware modes only"),
+    ({"mode": "error_aware", "keep_sum": "yes"}, "keep_sum"),
     ({"mode": "error_aware", "threshold": 0.5}, r"sere.threshold=0.5 .* unused in sere.mode='error_aware'; set "
                                                 r"sere.gain_threshold"),
 ])

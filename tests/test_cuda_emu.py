@@ -180,7 +180,8 @@ def _emu_route(case, counts=None, gate=None, guard=1):
     return cuda_emu.route(case["ids"], case["weights"], case["sim"], case["s"], case["rho"], case["valid"],
                           rule=case["rule"], expert_ranks=case["expert_ranks"],
                           merge_duplicates=case["merge_duplicates"], counts=counts, count_gate=gate,
-                          scale=case.get("scale"), unmatched=case.get("unmatched", "keep"), guard=guard)
+                          scale=case.get("scale"), unmatched=case.get("unmatched", "keep"),
+                          keep_sum=case.get("keep_sum", False), guard=guard)
 
 
 @pytest.mark.parametrize("seed", range(2))
@@ -204,8 +205,8 @@ def test_route_kernel_unit_scale_keep_is_the_kernel_without_scale_and_s_equal_k_
     rng = random.Random(7200)
     for i in range(60):
         case = cuda_emu.random_error_aware_case(rng, max_t=64)
-        ones = case | {"scale": torch.ones_like(case["scale"]), "unmatched": "keep"}
-        plain = {k: v for k, v in case.items() if k not in ("scale", "unmatched")}
+        ones = case | {"scale": torch.ones_like(case["scale"]), "unmatched": "keep", "keep_sum": False}
+        plain = {k: v for k, v in case.items() if k not in ("scale", "unmatched", "keep_sum")}
         c1, c2 = torch.zeros(5, dtype=torch.int64), torch.zeros(5, dtype=torch.int64)
         a, b = _emu_route(ones, c1), _emu_route(plain, c2)
         assert torch.equal(a[0], b[0]) and cuda_emu.same_bits(a[1], b[1]) and torch.equal(c1, c2)

@@ -355,11 +355,12 @@ from tests.cuda_emu import random_error_aware_case, random_route_case, route_ref
 
 
 def _route_op(case, counts=None, gate=None):
-    from sere_dist.core.reroute import RULE_IDS, UNMATCHED_IDS
+    from sere_dist.core.reroute import KEEP_SUM_FLAG, RULE_IDS, UNMATCHED_IDS
     return torch.ops.sere_dist.route(case["ids"], case["weights"], case["sim"], case["valid"], case["expert_ranks"],
                                      counts, gate, case["s"], case["rho"], RULE_IDS[case["rule"]],
                                      case["merge_duplicates"], case.get("scale"),
-                                     UNMATCHED_IDS[case.get("unmatched", "keep")])
+                                     UNMATCHED_IDS[case.get("unmatched", "keep")]
+                                     | (KEEP_SUM_FLAG if case.get("keep_sum") else 0))
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -481,10 +482,10 @@ def test_route_op_with_unit_scale_and_keep_is_the_op_without_scale(op):
     rng = random.Random(9200)
     for _ in range(300):
         case = random_error_aware_case(rng, max_t=64)
-        case.update(scale=torch.ones_like(case["scale"]), unmatched="keep")
+        case.update(scale=torch.ones_like(case["scale"]), unmatched="keep", keep_sum=False)
         counts, plain_counts = torch.zeros(5, dtype=torch.int64), torch.zeros(5, dtype=torch.int64)
         got = _route_op(case, counts)
-        plain = _route_op({k: v for k, v in case.items() if k not in ("scale", "unmatched")}, plain_counts)
+        plain = _route_op({k: v for k, v in case.items() if k not in ("scale", "unmatched", "keep_sum")}, plain_counts)
         assert torch.equal(got[0], plain[0]) and same_bits(got[1], plain[1]), _label(case)
         assert torch.equal(counts, plain_counts), _label(case)
 
@@ -545,7 +546,8 @@ def test_route_op_error_aware_exact_outcomes(op):
 
 @pytest.mark.parametrize("bad, message", [
     (dict(rule="top_s"), "scale .the error-aware rule. needs rule 0 .paper. or 1 .rank_aware."),
-    (dict(unmatched=3), "unmatched must be 0 .keep., 1 .drop. or 2 .renorm."),
+    (dict(unmatched=3), "unmatched must be 0 .keep., 1 .drop. or 2 .renorm., plus 4 for keep_sum"),
+    (dict(unmatched=8), "unmatched must be 0 .keep., 1 .drop. or 2 .renorm., plus 4 for keep_sum"),
     (dict(scale=torch.ones(8, 8, dtype=torch.bfloat16)), "scale must be float32 \\[E, E\\]"),
     (dict(scale=torch.ones(8, 7)), "scale must be float32 \\[E, E\\]"),
 ])

@@ -14,7 +14,7 @@ import torch
 vllm = pytest.importorskip("vllm")
 
 from sere_dist.core.artifact import ArtifactError, SimilarityArtifact, model_fingerprint  # noqa: E402
-from sere_dist.core.config import SereConfigError  # noqa: E402
+from sere_dist.core.config import SereConfig, SereConfigError  # noqa: E402
 from sere_dist.engine.args import engine_kwargs  # noqa: E402
 from sere_dist.core.reroute import reroute  # noqa: E402
 from sere_dist.models.tiny import TinySpec, planted_clusters, write_checkpoint  # noqa: E402
@@ -250,7 +250,7 @@ def error_aware_engine(workdir):
     ckpt = write_checkpoint(workdir / "qwen3-ea", TinySpec(family="qwen3_moe", num_experts=16, top_k=4), kind="random")
     art = random_artifact(ckpt, workdir / "qwen3-ea-sim", routed=True)
     llm = make_llm(ckpt, sere={"artifact": str(art), "mode": "error_aware", "select_top_k": 2,
-                               "gain_threshold": 0.6, "unmatched": "drop", "record": 64})
+                               "gain_threshold": 0.6, "unmatched": "drop", "keep_sum": True, "record": 64})
     sere_control(llm, enabled=False, reset=True)
     plain = greedy(llm)
     yield llm, plain, SimilarityArtifact.load(art)
@@ -268,8 +268,9 @@ def test_error_aware_at_s_equal_k_leaves_greedy_output_identical(error_aware_eng
 
 def test_error_aware_moves_scales_and_drops_exactly_as_the_reference(error_aware_engine):
     """The records hold the router's outputs and what the hook made of them: the torch spec
-    (`core.reroute.route` with the artifact's scale and gain) gives the same ids and weights, bit for bit,
-    and the counters agree (dropped slots read no expert)."""
+    (`core.reroute.route` with the artifact's scale and gain, unmatched slots dropped, the token's lost
+    weight kept on its own slots) gives the same ids and weights, bit for bit, and the counters agree
+    (dropped slots read no expert)."""
     from sere_dist.core.reroute import route
     from sere_dist.engine.stats import sere_control, sere_records, sere_stats
     llm, _, art = error_aware_engine
@@ -278,11 +279,11 @@ def test_error_aware_moves_scales_and_drops_exactly_as_the_reference(error_aware
     stats, records = sere_stats(llm), sere_records(llm)
     dropped = 0
     for layer in (0, 1):
-        scale, gain = art.error_aware_tables(layer, "count")
+        scale, gain = art.error_aware_tables(layer, SereConfig().gain_weighting)
         total = torch.zeros(5, dtype=torch.int64)
         for rec in records[layer]:
             ids, w, valid = torch.tensor(rec["ids"]), torch.tensor(rec["weights"]), torch.tensor(rec["valid"])
-            new_ids, new_w, counts = route(ids, w, gain, 2, 0.6, valid, scale=scale, unmatched="drop")
+            new_ids, new_w, counts = route(ids, w, gain, 2, 0.6, valid, scale=scale, unmatched="drop", keep_sum=True)
             assert new_ids.tolist() == rec["new_ids"]
             assert torch.equal(new_w, torch.tensor(rec["new_weights"]))
             dropped += int(((new_w == 0) & (w > 0)).sum())

@@ -227,6 +227,11 @@ class SereConfig(StrictModel):
     gain_weighting: error-aware modes: which routed-token statistics the gain uses, "router"
         (default: each routed token weighted by its router weight, as the layer output weights it;
         chosen by benchmarks/bench_fidelity.py) or "count" (every routed token counts once).
+    keep_sum: error-aware modes: the weight a token loses (w (1 - a) of a moved slot, w of a dropped one)
+        goes to its slots that were neither moved nor dropped, in proportion to their weights, so the
+        token's weights keep their sum (replaces renorm). Off by default; on for models whose experts are
+        redundant (`sere calibrate` says "re-routing should help"; upcycled models): measured in
+        benchmarks/bench_fidelity.py.
     layers: per-layer overrides keyed by MoE layer index.
     artifact: path of the similarity artifact (used by the vLLM plugin and serving).
     enabled: False turns re-routing off while keeping the rest of the configuration.
@@ -251,6 +256,7 @@ class SereConfig(StrictModel):
                                            description="the error-aware gain threshold in [0, 1]")] = 0.0
     unmatched: Literal["keep", "drop", "renorm"] = "keep"
     gain_weighting: Literal["count", "router"] = "router"
+    keep_sum: StrictBool = False
     layers: dict[Annotated[int, Field(strict=False)], LayerOverride] = Field(default_factory=dict)
     artifact: StrictStr | None = None
     enabled: StrictBool = True
@@ -264,7 +270,7 @@ class SereConfig(StrictModel):
         """A setting the chosen mode would ignore is an error, not a silent no-op."""
         fields = type(self).model_fields
         if not self.error_aware:
-            for name in ("gain_threshold", "unmatched", "gain_weighting"):
+            for name in ("gain_threshold", "unmatched", "gain_weighting", "keep_sum"):
                 if getattr(self, name) != fields[name].default:
                     raise SereConfigError(
                         f"sere.{name}={getattr(self, name)!r} applies to the error-aware modes only, but "

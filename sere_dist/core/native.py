@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from sere_dist.core.reroute import RULE_IDS, UNMATCHED_IDS, route, reroute
+from sere_dist.core.reroute import KEEP_SUM_FLAG, RULE_IDS, UNMATCHED_IDS, route, reroute
 
 log = logging.getLogger("sere_dist")
 
@@ -78,7 +78,8 @@ def route_fast(topk_ids: torch.Tensor, topk_weights: torch.Tensor, sim: torch.Te
                threshold: float, valid: torch.Tensor | None = None, *, rule: str = "paper",
                expert_ranks: torch.Tensor | None = None, merge_duplicates: bool = False,
                counts: torch.Tensor | None = None, count_gate: torch.Tensor | None = None,
-               scale: torch.Tensor | None = None, unmatched: str = "keep") -> tuple[torch.Tensor, torch.Tensor]:
+               scale: torch.Tensor | None = None, unmatched: str = "keep",
+               keep_sum: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The vLLM plugin's whole per-layer hook in one call: `sere_dist.core.reroute.route` (its spec)
     through the native op `sere_dist::route` when it applies, else the torch reference.
 
@@ -87,8 +88,8 @@ def route_fast(topk_ids: torch.Tensor, topk_weights: torch.Tensor, sim: torch.Te
     counts: optional [5] int64 counters (`reroute.COUNTS` order), incremented in place; count_gate:
     optional [1] bool, counting only when it holds True (read on the device: no host sync).
     scale: optional [E, E] float32, the error-aware rule (`sim` is then its gain matrix and `threshold`
-    the gain threshold; rule "paper" or "rank_aware"); unmatched: "keep" | "drop" | "renorm" (error-aware
-    only). The native op takes a float32 scale on the ids' device; any other scale runs the torch
+    the gain threshold; rule "paper" or "rank_aware"); unmatched: "keep" | "drop" | "renorm" and keep_sum
+    (error-aware only; `route`). The native op takes a float32 scale on the ids' device; any other scale runs the torch
     reference (widened to float32).
     Returns new (ids, weights), same dtypes, in the input's slot order.
     """
@@ -97,13 +98,14 @@ def route_fast(topk_ids: torch.Tensor, topk_weights: torch.Tensor, sim: torch.Te
         sim32 = sim if sim.dtype == torch.float32 else sim.float()
         new_ids, new_w, c = route(topk_ids, topk_weights, sim32, select_top_k, threshold, valid, rule=rule,
                                   expert_ranks=expert_ranks, merge_duplicates=merge_duplicates,
-                                  scale=None if scale is None else scale.float(), unmatched=unmatched)
+                                  scale=None if scale is None else scale.float(), unmatched=unmatched,
+                                  keep_sum=keep_sum)
         if counts is not None:
             counts.add_(c if count_gate is None else c * count_gate.to(torch.int64))
         return new_ids, new_w
     return torch.ops.sere_dist.route(topk_ids, topk_weights, sim, valid, expert_ranks, counts, count_gate,
                                      int(select_top_k), float(threshold), RULE_IDS[rule], bool(merge_duplicates),
-                                     scale, UNMATCHED_IDS[unmatched])
+                                     scale, UNMATCHED_IDS[unmatched] | (KEEP_SUM_FLAG if keep_sum else 0))
 
 
 def reroute_fast_(topk_ids: torch.Tensor, sim: torch.Tensor, select_top_k: int, threshold: float,

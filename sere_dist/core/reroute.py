@@ -125,8 +125,8 @@ COUNTS = ("distinct_experts_before", "distinct_experts_after", "rerouted_slots",
 def route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, sim: torch.Tensor, select_top_k: int,
           threshold: float, valid: torch.Tensor | None = None, *, rule: str = "paper",
           expert_ranks: torch.Tensor | None = None, merge_duplicates: bool = False,
-          scale: torch.Tensor | None = None,
-          unmatched: str = "keep") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+          scale: torch.Tensor | None = None, unmatched: str = "keep",
+          keep_sum: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One MoE layer's routing hook for one batch, on the router's outputs in their own slot order.
 
     topk_ids: [T, k] int32/int64; topk_weights: [T, k] float (any slot order); sim: [E, E];
@@ -142,7 +142,10 @@ def route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, sim: torch.Tensor,
        kept (`unmatched` "keep"), or dropped ("drop": weight 0 and the id of the token's first ordered
        slot, a primary, so that no expert is read for it), or dropped with the token's other slots
        rescaled by sum(w) / max(sum(w of slots not dropped), 1e-12) ("renorm"; sums of the router's
-       weights, slot by slot left to right, as top_s);
+       weights, slot by slot left to right, as top_s); with `keep_sum` (replaces renorm) every valid
+       token's slots neither moved nor dropped ("own") get w * r instead, r = max((sum(w) - sum of the
+       moved slots' scaled weights) / max(sum(own w), 1e-12), 0), sums left to right: what the token
+       lost goes to its own experts and its weights keep their sum;
     3. merge_duplicates: a valid token holding one expert in several kept slots gets their weights
        summed into the first of them (`merge_duplicate_slots`);
     4. restore the slot order.
@@ -174,7 +177,7 @@ def route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, sim: torch.Tensor,
         new_ids = reroute(ids, sim, s, threshold, v, expert_ranks=expert_ranks if rule == "rank_aware" else None,
                           with_stats=False)[0]
         if scale is not None:
-            new_ids, w, kept = _error_aware_weights(ids, new_ids, w, scale, s, v, unmatched)
+            new_ids, w, kept = _error_aware_weights(ids, new_ids, w, scale, s, v, unmatched, keep_sum)
     changed = (new_ids != ids) | ~kept
     if merge_duplicates:
         w, kept = merge_duplicate_slots(new_ids, w, v, kept)
@@ -190,11 +193,12 @@ def route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, sim: torch.Tensor,
 
 UNMATCHED = ("keep", "drop", "renorm")
 UNMATCHED_IDS = {name: i for i, name in enumerate(UNMATCHED)}   # the `unmatched` int of the native op
+KEEP_SUM_FLAG = 4                                                # or-ed into it for keep_sum
 
 
 def _error_aware_weights(ids: torch.Tensor, new_ids: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
-                         select_top_k: int, valid: torch.Tensor,
-                         unmatched: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         select_top_k: int, valid: torch.Tensor, unmatched: str,
+                         keep_sum: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Step 2b of `route` on weight-ordered [T, k] ids before / after the table, float32 weights and
     [T] valid. Returns (ids, weights, kept)."""
     t, k = ids.shape
@@ -208,12 +212,23 @@ def _error_aware_weights(ids: torch.Tensor, new_ids: torch.Tensor, w: torch.Tens
     a = scale[safe, new_ids.long().clamp(0, e - 1)]
     out_w = torch.where(moved, w * a, w)
     kept = torch.ones(t, k, dtype=torch.bool, device=ids.device)
-    if unmatched == "keep":
-        return new_ids, out_w, kept
-    drop = off & (new_ids == ids)
-    new_ids = torch.where(drop, new_ids[:, :1].expand(t, k), new_ids)
-    out_w = torch.where(drop, torch.zeros_like(out_w), out_w)
-    kept = ~drop
+    drop = torch.zeros_like(kept)
+    if unmatched != "keep":
+        drop = off & (new_ids == ids)
+        new_ids = torch.where(drop, new_ids[:, :1].expand(t, k), new_ids)
+        out_w = torch.where(drop, torch.zeros_like(out_w), out_w)
+        kept = ~drop
+    if keep_sum:
+        own = ~moved & ~drop
+        zero = torch.zeros_like(w[:, 0])
+        total, part = w[:, 0].clone(), torch.where(own[:, 0], w[:, 0], zero)
+        lost = torch.where(moved[:, 0], out_w[:, 0], zero)
+        for j in range(1, k):                   # left to right, as the native kernels
+            total = total + w[:, j]
+            part = part + torch.where(own[:, j], w[:, j], zero)
+            lost = lost + torch.where(moved[:, j], out_w[:, j], zero)
+        r = ((total - lost) / part.clamp(min=1e-12)).clamp(min=0.0)
+        return new_ids, torch.where(valid.unsqueeze(-1) & own, w * r.unsqueeze(-1), out_w), kept
     if unmatched == "renorm":
         total = w[:, 0].clone()
         part = torch.where(kept[:, 0], w[:, 0], torch.zeros_like(w[:, 0]))
@@ -302,7 +317,8 @@ def error_aware_table(scale: torch.Tensor, gain: torch.Tensor, primary: torch.Te
 
 def error_aware(topk_ids: torch.Tensor, topk_weights: torch.Tensor, scale: torch.Tensor, gain: torch.Tensor,
                 select_top_k: int, threshold: float, valid: torch.Tensor | None = None,
-                unmatched: str = "keep", expert_ranks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                unmatched: str = "keep", expert_ranks: torch.Tensor | None = None,
+                keep_sum: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Error-aware re-routing of weight-ordered [G, T, k] ids and weights, group by group through
     `route` (step 2b; rank-aware choice of the primary when `expert_ranks` [E, R] is given): a valid
     secondary slot of a non-primary expert e moves to the primary p* of `error_aware_table` with its
@@ -317,7 +333,8 @@ def error_aware(topk_ids: torch.Tensor, topk_weights: torch.Tensor, scale: torch
         out_ids[i], out_w[i], _ = route(topk_ids[i], topk_weights[i], gain32, select_top_k, threshold,
                                         None if valid is None else valid[i],
                                         rule="paper" if expert_ranks is None else "rank_aware",
-                                        expert_ranks=expert_ranks, scale=scale32, unmatched=unmatched)
+                                        expert_ranks=expert_ranks, scale=scale32, unmatched=unmatched,
+                                        keep_sum=keep_sum)
     return out_ids, out_w
 
 

@@ -259,6 +259,7 @@ def _configure(runner, vcfg, cfg: SereConfig) -> None:
     runner._sere_rule = cfg.rule
     runner._sere_merge = bool(cfg.merge_duplicates)
     runner._sere_unmatched = cfg.unmatched
+    runner._sere_keep_sum = cfg.keep_sum
     runner.register_buffer("_sere_sim", sim.to(device=device, dtype=torch.float32).contiguous(), persistent=False)
     if scale is not None:
         runner.register_buffer("_sere_scale", scale.to(device=device, dtype=torch.float32).contiguous(),
@@ -282,7 +283,8 @@ def _configure(runner, vcfg, cfg: SereConfig) -> None:
     native.load_extension()  # build / load eagerly: nothing is built while Dynamo traces
     log.info("SERE on %s: layer %d, S=%d, %s=%.3g, phase=%s, mode=%s%s", runner.layer_name, layer, s,
              "gain threshold" if cfg.error_aware else "rho", rho, cfg.phase, cfg.mode,
-             f", unmatched={cfg.unmatched}, weighting={cfg.gain_weighting}" if cfg.error_aware else "")
+             f", unmatched={cfg.unmatched}, keep_sum={cfg.keep_sum}, weighting={cfg.gain_weighting}"
+             if cfg.error_aware else "")
 
 
 def _token_mask(vcfg, phase: str) -> torch.Tensor:
@@ -348,7 +350,7 @@ def _sere(runner, weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tenso
                       merge_duplicates=runner._sere_merge,
                       counts=runner._sere_counts if runner._sere_count_on else None,
                       count_gate=runner._sere_count_gate, scale=runner._sere_scale,
-                      unmatched=runner._sere_unmatched)
+                      unmatched=runner._sere_unmatched, keep_sum=runner._sere_keep_sum)
 
 
 def _localize(expert_map: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):

@@ -342,7 +342,7 @@ def error_aware_batched(ids: torch.Tensor, weights: torch.Tensor, scale: torch.T
     benchmark calls it on ~64 groups per layer per forward). Input slots must already be ordered by
     weight, largest first (stable), as RoutingPatch hands them over.
 
-    keep_sum (a prototype variant, not in core.reroute): the weight a token loses, w (1 - a) of every
+    keep_sum (`route`'s keep_sum, SereConfig.keep_sum): the weight a token loses, w (1 - a) of every
     moved slot and w of every dropped one ("drop" and "renorm" coincide here), goes to its kept slots that
     were not moved, rescaled so the token's weights keep their original sum (the substitute carries the
     least-squares share a, the token's own experts the rest).
@@ -393,9 +393,14 @@ def error_aware_batched(ids: torch.Tensor, weights: torch.Tensor, scale: torch.T
             out_w = torch.where(v.unsqueeze(-1) & kept, out_w * r.unsqueeze(-1), out_w)
     if keep_sum:
         own = ~moved & ~drop                                   # kept slots that were not moved
-        own_w = torch.where(own, w, torch.zeros_like(w)).sum(-1)
-        target = w.sum(-1) - torch.where(moved, out_w, torch.zeros_like(out_w)).sum(-1)
-        r = (target / own_w.clamp(min=1e-12)).clamp(min=0.0)
+        zero = torch.zeros_like(w[..., 0])
+        total, part = w[..., 0].clone(), torch.where(own[..., 0], w[..., 0], zero)
+        lost = torch.where(moved[..., 0], out_w[..., 0], zero)
+        for j in range(1, k):                                  # left to right, as core.reroute does
+            total = total + w[..., j]
+            part = part + torch.where(own[..., j], w[..., j], zero)
+            lost = lost + torch.where(moved[..., j], out_w[..., j], zero)
+        r = ((total - lost) / part.clamp(min=1e-12)).clamp(min=0.0)
         out_w = torch.where(v.unsqueeze(-1) & own, w * r.unsqueeze(-1), out_w)
     return new_ids.to(ids.dtype), out_w.to(weights.dtype)
 
@@ -406,20 +411,19 @@ def error_aware_transform(stats: Mapping[int, tuple[torch.Tensor, torch.Tensor]]
                           keep_sum: bool = False) -> Transform:
     """The error-aware rule (torch reference, `core.reroute.error_aware`); stats: layer -> (C, N).
     `batched` (no expert_ranks): the same result through `error_aware_batched` (all groups at once);
-    `keep_sum`: the prototype variant of `error_aware_batched` (needs batched, no expert_ranks)."""
+    `keep_sum`: SereConfig.keep_sum (batched; the per-group path with expert_ranks takes it too)."""
     from sere_dist.core.reroute import error_aware, error_aware_gain
 
     tables = {layer: error_aware_gain(c, n) for layer, (c, n) in stats.items()}
 
     def fn(layer, ids, w, valid):
         scale, gain = tables[layer]
-        if keep_sum or (batched and expert_ranks is None):
-            if expert_ranks is not None:
-                raise ValueError("keep_sum is a prototype without the rank-aware choice")
+        if batched and expert_ranks is None:
             new_ids, new_w = error_aware_batched(ids, w, scale, gain, select_top_k, threshold, valid, unmatched,
                                                  keep_sum)
         else:
-            new_ids, new_w = error_aware(ids, w, scale, gain, select_top_k, threshold, valid, unmatched, expert_ranks)
+            new_ids, new_w = error_aware(ids, w, scale, gain, select_top_k, threshold, valid, unmatched, expert_ranks,
+                                         keep_sum)
         return new_ids, new_w, active_experts(new_ids, new_w, valid, gain.shape[0])
     return fn
 
