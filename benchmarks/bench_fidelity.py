@@ -422,6 +422,14 @@ def main(argv=None) -> int:
     bad = [b for b in args.batch_sizes if b < 1 or max(args.per_seed, b) % b]
     if bad:
         p.error(f"--batch-sizes {bad} must divide --per-seed ({args.per_seed}) or exceed it")
+    if not 0.0 <= args.fraction_tolerance < 1.0:                     # also refuses nan
+        p.error(f"--fraction-tolerance must be in [0, 1), got {args.fraction_tolerance}")
+    if not all(0.0 < f <= 1.0 for f in args.fractions):
+        p.error(f"--fractions must be in (0, 1], got {args.fractions}")
+    bad_t = [m for m in ["error_aware", *args.ea_variants]
+             if not 0.0 <= (ea_settings(m, {"threshold": args.ea_threshold})["threshold"]) <= 1.0]
+    if bad_t:
+        p.error(f"gain thresholds must be in [0, 1] (--ea-threshold, or the _t of {bad_t})")
     args.eval_samples = args.seeds * max([args.per_seed] + args.batch_sizes)
     args.ea_default = {"weighting": args.ea_weighting, "unmatched": args.ea_unmatched, "threshold": args.ea_threshold,
                        "keep_sum": args.ea_keep_sum}

@@ -667,6 +667,9 @@ def parse_args(argv=None):
     args.batches = [int(x) for x in args.batch_sizes.split(",")]
     args.s_values = [int(x) for x in args.s_values.split(",")]
     args.rules = [x for x in args.rules.split(",") if x]
+    from sere_dist.core.config import MODES
+    if not args.rules or any(r not in MODES for r in args.rules):
+        ap.error(f"--rules must be a comma list of {', '.join(MODES)}, got {args.rules}")
     if args.rho is None:
         args.rho = RHO_CLUSTERS if args.sim == "clusters" else RHO
     return args

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -44,3 +45,19 @@ def test_s_values_follow_the_targets_and_the_tolerance():
 def test_every_error_aware_setting_is_deployable_and_the_oracle_is_not():
     assert is_deployable("error_aware") and is_deployable("error_aware_count_drop_t0.3")
     assert is_deployable("error_aware_router_keep_t0_sum") and not is_deployable("oracle")
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["--fraction-tolerance", "-1"], "--fraction-tolerance"),
+    (["--fraction-tolerance", "nan"], "--fraction-tolerance"),
+    (["--ea-threshold", "2"], "gain thresholds"),
+    (["--ea-variants", "error_aware_router_keep_t2"], "error_aware_router_keep_t2"),
+    (["--fractions", "0", "0.5"], "--fractions"),
+])
+def test_bad_arguments_stop_with_one_named_line_before_any_work(argv, field, capsys):
+    from bench_fidelity import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--models", "upcycled", *argv])
+    assert e.value.code == 2
+    assert field in capsys.readouterr().err.strip().splitlines()[-1]
