@@ -73,9 +73,13 @@ class SimilarityArtifact:
     def format(self) -> str:
         """The file format: as loaded, else format 2 with routed statistics and format 1 without (which
         a format-1 reader reads too)."""
-        return self.loaded_format or (FORMAT if self.routed else FORMATS[0])
+        return self.loaded_format or self._written_format
 
-    def error_aware_tables(self, layer: int, weighting: str = "count") -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def _written_format(self) -> str:
+        return FORMAT if self.routed else FORMATS[0]
+
+    def error_aware_tables(self, layer: int, weighting: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale a [E, E], gain g [E, E]) float32 of one layer for the error-aware rule."""
         from sere_dist.core.reroute import error_aware_gain
 
@@ -86,7 +90,7 @@ class SimilarityArtifact:
 
     def metadata(self) -> dict[str, Any]:
         from sere_dist.core.similarity import offdiag_stats
-        return {"format": FORMAT if self.routed else FORMATS[0], "fingerprint": self.fingerprint.to_dict(), "metric": self.metric,
+        return {"format": self._written_format, "fingerprint": self.fingerprint.to_dict(), "metric": self.metric,
                 "tokens": self.tokens, "data_digest": self.data_digest,
                 "created": self.created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "sere_dist_version": self.version, "layers": sorted(self.matrices),

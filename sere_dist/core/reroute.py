@@ -201,43 +201,53 @@ def _error_aware_weights(ids: torch.Tensor, new_ids: torch.Tensor, w: torch.Tens
                          keep_sum: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Step 2b of `route` on weight-ordered [T, k] ids before / after the table, float32 weights and
     [T] valid. Returns (ids, weights, kept)."""
-    t, k = ids.shape
+    k = ids.shape[-1]
     e = scale.shape[0]
     primary = primary_mask(ids.unsqueeze(0), select_top_k, e, valid.unsqueeze(0))[0]          # [E]
     sec = (torch.arange(k, device=ids.device) >= select_top_k).unsqueeze(0) & valid.unsqueeze(-1)
     inside = (ids >= 0) & (ids < e)
     safe = ids.long().clamp(0, e - 1)
     off = sec & inside & ~primary[safe]                       # secondary slots of non-primary experts
+    return error_aware_slot_weights(safe, ids, new_ids, w, scale, off, valid, unmatched, keep_sum)
+
+
+def error_aware_slot_weights(safe_ids: torch.Tensor, ids: torch.Tensor, new_ids: torch.Tensor, w: torch.Tensor,
+                             scale: torch.Tensor, off: torch.Tensor, valid: torch.Tensor, unmatched: str,
+                             keep_sum: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The weights of step 2b on [..., k] weight-ordered slots: `off` marks the valid secondary slots of
+    non-primary experts, `ids` / `new_ids` the ids before / after the table (`safe_ids`: ids clamped
+    into [0, E)), `w` float32, `valid` [...]. Returns (ids, weights, kept); every sum runs slot by slot,
+    left to right, as the native kernels do."""
     moved = off & (new_ids != ids)
-    a = scale[safe, new_ids.long().clamp(0, e - 1)]
+    a = scale[safe_ids, new_ids.long().clamp(0, scale.shape[0] - 1)]
     out_w = torch.where(moved, w * a, w)
-    kept = torch.ones(t, k, dtype=torch.bool, device=ids.device)
-    drop = torch.zeros_like(kept)
+    kept = torch.ones_like(off)
+    drop = torch.zeros_like(off)
     if unmatched != "keep":
         drop = off & (new_ids == ids)
-        new_ids = torch.where(drop, new_ids[:, :1].expand(t, k), new_ids)
+        new_ids = torch.where(drop, new_ids[..., :1].expand_as(new_ids), new_ids)
         out_w = torch.where(drop, torch.zeros_like(out_w), out_w)
         kept = ~drop
     if keep_sum:
         own = ~moved & ~drop
-        zero = torch.zeros_like(w[:, 0])
-        total, part = w[:, 0].clone(), torch.where(own[:, 0], w[:, 0], zero)
-        lost = torch.where(moved[:, 0], out_w[:, 0], zero)
-        for j in range(1, k):                   # left to right, as the native kernels
-            total = total + w[:, j]
-            part = part + torch.where(own[:, j], w[:, j], zero)
-            lost = lost + torch.where(moved[:, j], out_w[:, j], zero)
+        total, part = _sum_left_to_right(w), _sum_left_to_right(w, own)
+        lost = _sum_left_to_right(out_w, moved)
         r = ((total - lost) / part.clamp(min=1e-12)).clamp(min=0.0)
         return new_ids, torch.where(valid.unsqueeze(-1) & own, w * r.unsqueeze(-1), out_w), kept
     if unmatched == "renorm":
-        total = w[:, 0].clone()
-        part = torch.where(kept[:, 0], w[:, 0], torch.zeros_like(w[:, 0]))
-        for j in range(1, k):
-            total = total + w[:, j]
-            part = part + torch.where(kept[:, j], w[:, j], torch.zeros_like(w[:, j]))
-        r = total / part.clamp(min=1e-12)
+        r = _sum_left_to_right(w) / _sum_left_to_right(w, kept).clamp(min=1e-12)
         out_w = torch.where(valid.unsqueeze(-1) & kept, out_w * r.unsqueeze(-1), out_w)
     return new_ids, out_w, kept
+
+
+def _sum_left_to_right(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over the last dim slot by slot (x0 + x1 + ...), masked-out slots adding 0.0: the order the
+    native kernels sum in, so the results agree bit for bit."""
+    zero = torch.zeros_like(x[..., 0])
+    out = x[..., 0].clone() if mask is None else torch.where(mask[..., 0], x[..., 0], zero)
+    for j in range(1, x.shape[-1]):
+        out = out + (x[..., j] if mask is None else torch.where(mask[..., j], x[..., j], zero))
+    return out
 
 
 def top_s_weights(weights: torch.Tensor, select_top_k: int,
@@ -295,33 +305,13 @@ def error_aware_gain(c: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, to
     return scale.float(), gain.float()
 
 
-def error_aware_table(scale: torch.Tensor, gain: torch.Tensor, primary: torch.Tensor, threshold: float,
-                      drop_unmatched: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The error-aware per-batch table: e -> (p*, a) with p* = argmax over primaries of gain[e, p]
-    (lowest id on ties) when gain[e, p*] >= threshold; else e itself with scale 1 (kept) or 0 (dropped,
-    `drop_unmatched`). Primaries map to themselves with scale 1.
-
-    scale, gain: [E, E]; primary: [G, E] bool. Returns (table [G, E] int64, slot scale [G, E] float32).
-    """
-    masked = gain.unsqueeze(0).masked_fill(~primary.unsqueeze(1), float("-inf"))   # [G, E, E]
-    best = masked.argmax(dim=-1)
-    best_gain = masked.gather(-1, best.unsqueeze(-1)).squeeze(-1)
-    eye = torch.arange(gain.shape[0], device=gain.device).expand_as(best)
-    move = (~primary) & (best_gain >= threshold)
-    table = torch.where(move, best, eye)
-    moved_scale = scale.unsqueeze(0).expand(primary.shape[0], -1, -1).gather(-1, best.unsqueeze(-1)).squeeze(-1)
-    unmatched = torch.zeros_like(moved_scale) if drop_unmatched else torch.ones_like(moved_scale)
-    slot_scale = torch.where(primary, torch.ones_like(moved_scale), torch.where(move, moved_scale, unmatched))
-    return table, slot_scale
-
-
 def error_aware(topk_ids: torch.Tensor, topk_weights: torch.Tensor, scale: torch.Tensor, gain: torch.Tensor,
                 select_top_k: int, threshold: float, valid: torch.Tensor | None = None,
                 unmatched: str = "keep", expert_ranks: torch.Tensor | None = None,
                 keep_sum: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Error-aware re-routing of weight-ordered [G, T, k] ids and weights, group by group through
     `route` (step 2b; rank-aware choice of the primary when `expert_ranks` [E, R] is given): a valid
-    secondary slot of a non-primary expert e moves to the primary p* of `error_aware_table` with its
+    secondary slot of a non-primary expert e moves to the primary p* (the paper's table on the gain) with its
     weight times scale[e, p*], or is kept / dropped / dropped with renormalisation (`unmatched`) when
     no primary reaches the gain threshold. Returns (new ids, new weights), input shapes and dtypes.
     """

@@ -349,7 +349,7 @@ def error_aware_batched(ids: torch.Tensor, weights: torch.Tensor, scale: torch.T
 
     ids, weights: [G, T, k]; scale, gain: [E, E]; valid: [G, T]. Returns (new ids, new weights).
     """
-    from sere_dist.core.reroute import UNMATCHED, primary_mask
+    from sere_dist.core.reroute import UNMATCHED, error_aware_slot_weights, paper_table, primary_mask
 
     if unmatched not in UNMATCHED:
         raise ValueError(f"unknown unmatched {unmatched!r}; use one of {', '.join(UNMATCHED)}")
@@ -360,13 +360,8 @@ def error_aware_batched(ids: torch.Tensor, weights: torch.Tensor, scale: torch.T
     w = weights.float()
     if k == s:
         return ids.clone(), w.to(weights.dtype)
-    gain32, scale32 = gain.float(), scale.float()
     primary = primary_mask(ids, s, e, v)                                                  # [G, E]
-    masked = gain32.unsqueeze(0).masked_fill(~primary.unsqueeze(1), float("-inf"))       # [G, E, E]
-    best = masked.argmax(dim=-1)                                                          # first max on ties
-    best_gain = masked.gather(-1, best.unsqueeze(-1)).squeeze(-1)
-    eye = torch.arange(e, device=ids.device).expand_as(best)
-    table = torch.where((~primary) & (best_gain >= threshold), best, eye)                 # [G, E]
+    table = paper_table(gain.float(), primary, threshold)[0]                              # [G, E]
     lid = ids.long()
     sec = lid[..., s:]
     new_sec = table.gather(1, sec.reshape(g, -1)).reshape(sec.shape)
@@ -374,34 +369,7 @@ def error_aware_batched(ids: torch.Tensor, weights: torch.Tensor, scale: torch.T
     new_ids = torch.cat([lid[..., :s], new_sec], dim=-1)                                  # [G, T, k]
     is_sec = (torch.arange(k, device=ids.device) >= s).view(1, 1, k) & v.unsqueeze(-1)
     off = is_sec & ~primary.gather(1, lid.reshape(g, -1)).reshape(g, t, k)
-    moved = off & (new_ids != lid)
-    a = scale32[lid, new_ids]
-    out_w = torch.where(moved, w * a, w)
-    drop = torch.zeros_like(moved)
-    if unmatched != "keep":
-        drop = off & (new_ids == lid)
-        new_ids = torch.where(drop, new_ids[..., :1].expand(g, t, k), new_ids)
-        out_w = torch.where(drop, torch.zeros_like(out_w), out_w)
-        if unmatched == "renorm" and not keep_sum:
-            kept = ~drop
-            total = w[..., 0].clone()
-            part = torch.where(kept[..., 0], w[..., 0], torch.zeros_like(w[..., 0]))
-            for j in range(1, k):                       # left to right, as core.reroute does
-                total = total + w[..., j]
-                part = part + torch.where(kept[..., j], w[..., j], torch.zeros_like(w[..., j]))
-            r = total / part.clamp(min=1e-12)
-            out_w = torch.where(v.unsqueeze(-1) & kept, out_w * r.unsqueeze(-1), out_w)
-    if keep_sum:
-        own = ~moved & ~drop                                   # kept slots that were not moved
-        zero = torch.zeros_like(w[..., 0])
-        total, part = w[..., 0].clone(), torch.where(own[..., 0], w[..., 0], zero)
-        lost = torch.where(moved[..., 0], out_w[..., 0], zero)
-        for j in range(1, k):                                  # left to right, as core.reroute does
-            total = total + w[..., j]
-            part = part + torch.where(own[..., j], w[..., j], zero)
-            lost = lost + torch.where(moved[..., j], out_w[..., j], zero)
-        r = ((total - lost) / part.clamp(min=1e-12)).clamp(min=0.0)
-        out_w = torch.where(v.unsqueeze(-1) & own, w * r.unsqueeze(-1), out_w)
+    new_ids, out_w, _ = error_aware_slot_weights(lid, lid, new_ids, w, scale.float(), off, v, unmatched, keep_sum)
     return new_ids.to(ids.dtype), out_w.to(weights.dtype)
 
 
