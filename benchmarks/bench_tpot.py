@@ -365,13 +365,17 @@ def with_suppress(fn) -> None:
         pass
 
 
-def set_arm(llm, arm: str, k: int) -> None:
+def set_arm(llm, arm: str, k: int, skip_engine: bool = False) -> None:
+    """plain: SERE off; S=s: SERE at S = s; S=s+skip (an engine started with skip_zero_slots): SERE at S = s
+    with merge_duplicates and skip_zero_slots on (the other arms run with both off)."""
     from sere_dist.engine.stats import sere_control
+    skip = arm.endswith("+skip")
+    extra = {"merge_duplicates": skip, "skip_zero_slots": skip} if skip_engine else {}
     if arm == "plain":
-        sere_control(llm, enabled=False, reset=True)
+        sere_control(llm, enabled=False, reset=True, **extra)
     else:
-        s = k if arm == "S=k" else int(arm[2:])
-        sere_control(llm, enabled=True, select_top_k=s, reset=True)
+        s = k if arm == "S=k" else int(arm[2:].removesuffix("+skip"))
+        sere_control(llm, enabled=True, select_top_k=s, reset=True, **extra)
 
 
 def rule_threshold(args, rule: str) -> dict:
@@ -384,23 +388,30 @@ def rule_threshold(args, rule: str) -> dict:
 
 def measure_cpu(args, ckpt: Path, art: Path, rule: str) -> tuple[list[dict], dict]:
     """One eager engine per rule; every arm of every batch size in it, ABBA. Returns (samples, engine info)."""
-    from sere_dist.engine.stats import sere_stats
+    from sere_dist.engine.stats import sere_kernel_stats, sere_stats
 
     sere = {"artifact": str(art), "select_top_k": args.s_values[0], "mode": rule, **rule_threshold(args, rule)}
+    if args.skip_arms:
+        sere["skip_zero_slots"] = True
     eng = Engine(ckpt, art, args, sere, eager=True)
     print(f"engine up (rule {rule}); worker: {eng.info}", flush=True)
     samples = []
     try:
         for b in args.batches:
-            arms = ["plain"] + [f"S={s}" for s in args.s_values] + (["S=k"] if b == 1 and args.hook_arm else [])
-            set_arm(eng.llm, "plain", args.top_k)
+            arms = (["plain"] + [f"S={s}" for s in args.s_values]
+                    + ([f"S={s}+skip" for s in args.s_values] if args.skip_arms else [])
+                    + (["S=k"] if b == 1 and args.hook_arm else []))
+            set_arm(eng.llm, "plain", args.top_k, args.skip_arms)
             eng.run(b)                                           # warm-up: allocations, first-touch of KV
             for rnd, order in enumerate(abba_orders(arms, args.repeats)):
                 for arm in order:
-                    set_arm(eng.llm, arm, args.top_k)
+                    set_arm(eng.llm, arm, args.top_k, args.skip_arms)
                     r = eng.run(b)
                     before, after = distinct_per_batch(sere_stats(eng.llm)) if arm != "plain" else (None, None)
                     r.update(batch=b, arm=arm, round=rnd, rule=rule, distinct_before=before, distinct_after=after)
+                    if arm.endswith("+skip"):
+                        ks = sere_kernel_stats(eng.llm)[0]
+                        r["skipped_frac"] = ks["skipped_slots"] / ks["slots"] if ks.get("slots") else None
                     samples.append(r)
                     print(f"  b={b:3d} round {rnd} {arm:6s} TPOT {fmt(r['tpot_ms'])} ms  MoE {fmt(r['moe_ms'])} ms"
                           f"  kernel {fmt(r['kernel_ms'])}  hook {fmt(r['hook_ms'], 3)}  experts "
@@ -479,18 +490,22 @@ def summarize(samples: list[dict], args, gpu: bool) -> tuple[list[dict], list[di
                 moe_plain = med(b, "plain", "moe_ms", rule)
             share = moe_plain / plain if (moe_plain is not None and plain) else None
             share = min(share, 1.0) if share is not None else None
-            for s in args.s_values:
-                arm = f"S={s}"
+            variants = [(s, "") for s in args.s_values] + \
+                ([(s, "+skip") for s in args.s_values] if getattr(args, "skip_arms", False) else [])
+            for s, variant in variants:
+                arm = f"S={s}{variant}"
                 sere = med(b, arm, "tpot_ms", rule)
                 before, after = med(b, arm, "distinct_before", rule), med(b, arm, "distinct_after", rule)
                 speed = plain / sere if (plain and sere) else None
                 bound = bound_speedup(share, before, after) if (share is not None and before) else None
-                row = {"experts": args.experts, "hidden": args.hidden, "batch": b, "rule": rule, "S": s,
+                row = {"experts": args.experts, "hidden": args.hidden, "batch": b, "rule": rule + variant, "S": s,
                        "rho": args.rho, "plain_ms": r3(plain), "sere_ms": r3(sere), "speedup": r3(speed),
                        "moe_share": r3(share), "distinct_before": r3(before), "distinct_after": r3(after),
                        "bound_speedup": r3(bound),
                        **({"gain_threshold": rule_threshold(args, rule)["gain_threshold"]}
-                          if rule.startswith("error_aware") else {})}
+                          if rule.startswith("error_aware") else {}),
+                       **({"variant": "merge_duplicates + skip_zero_slots",
+                           "skipped_frac": r3(med(b, arm, "skipped_frac", rule))} if variant else {})}
                 head.append(row)
                 detail.append({**row, "layers": args.layers, "intermediate": args.intermediate,
                                "of_bound": r3((speed - 1) / (bound - 1)) if (speed and bound and bound > 1) else None,
@@ -650,6 +665,8 @@ def parse_args(argv=None):
     ap.add_argument("--compare-binds", default=None, help="e.g. auto,0-1,nobind: one engine per binding")
     ap.add_argument("--no-hook-arm", dest="hook_arm", action="store_false", help="skip the S=k arm at batch 1")
     ap.add_argument("--no-plot", dest="plot", action="store_false")
+    ap.add_argument("--skip-arms", action="store_true",
+                    help="CPU: also arms S=s+skip (merge_duplicates and skip_zero_slots on) in each engine")
     ap.add_argument("--merge", action="store_true",
                     help="add this shape's rows to an existing --out file (a second shape next to the main run)")
     ap.add_argument("--no-headline", dest="headline", action="store_false",
@@ -672,6 +689,8 @@ def parse_args(argv=None):
         ap.error(f"--rules must be a comma list of {', '.join(MODES)}, got {args.rules}")
     if args.rho is None:
         args.rho = RHO_CLUSTERS if args.sim == "clusters" else RHO
+    if args.skip_arms and args.gpu:
+        ap.error("--skip-arms measures vLLM-CPU's kernel (sere.skip_zero_slots is CPU only); drop it with --gpu")
     return args
 
 
@@ -702,12 +721,13 @@ def main(argv=None) -> int:
     head, detail, hook = summarize(samples, args, args.gpu)
     print_table(detail, hook)
     name = "tpot_gpu" if args.gpu else "tpot_cpu"
-    out = Path(args.out) if args.out else OUT / f"{name}.json"
+    out = Path(args.out) if args.out else OUT / f"{name}{'_skip' if args.skip_arms else ''}.json"
     device = "cpu"
     if args.gpu:
         import torch
         device = torch.cuda.get_device_name(0)
-    res = {"benchmark": name, "command": "python benchmarks/bench_tpot.py " + " ".join(sys.argv[1:]),
+    res = {"benchmark": name + ("_skip" if args.skip_arms else ""),
+           "command": "python benchmarks/bench_tpot.py " + " ".join(sys.argv[1:]), "cpu": cpu_info(),
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "wall_s": round(time.time() - t_start, 1), "uptime_before": up_before, "uptime_after": up_after,
            "model": {"experts": args.experts, "top_k": args.top_k, "hidden": args.hidden,
@@ -752,6 +772,21 @@ def merge_runs(old: dict, new: dict, name: str) -> dict:
     runs = [r for r in old.get("other_runs", []) if (r["model"]["experts"], r["model"]["hidden"]) != shape]
     out["other_runs"] = runs + [{k: v for k, v in new.items() if k not in ("rows", "headline")}]
     return out
+
+
+def cpu_info() -> dict:
+    """The CPU model and the vector extensions vLLM-CPU's kernels and torch's bf16 GEMMs depend on."""
+    model, flags = None, set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model is None:
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {"model": model, "cores": os.cpu_count(),
+            **{f: f in flags for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")}}
 
 
 def _vllm_version() -> str | None:

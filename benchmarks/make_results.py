@@ -349,7 +349,11 @@ def tpot_section(d: dict) -> tuple[str, list[str]]:
              if gpu else f"vLLM-CPU {e.get('vllm')} eager, one engine, arms switched with `sere_control`, "
                          f"`VLLM_CPU_OMP_THREADS_BIND={e.get('bind')}` (worker threads "
                          f"{(e.get('worker') or {}).get('torch_threads')})")
-    lines = [f"## Decode TPOT, SERE vs plain ({'GPU' if gpu else 'CPU'}), with the bound the MoE share allows", "",
+    skip = d.get("benchmark") == "tpot_cpu_skip"
+    cpu = d.get("cpu") or {}
+    title = (f"## Decode TPOT, SERE vs plain ({'GPU' if gpu else 'CPU'}), with the bound the MoE share allows"
+             + (": with and without `merge_duplicates` + `skip_zero_slots` (rule+skip rows)" if skip else ""))
+    lines = [title, "",
              cmd_line(d, "python benchmarks/bench_tpot.py") + f" ({d.get('wall_s', '?')} s). Model: {m['kind']} bf16 "
              f"Qwen3-MoE shape, {m['experts']} experts, top-{m['top_k']}, hidden {m['hidden']}, expert intermediate "
              f"{m['intermediate']}, {m['layers']} layers; {where}; rho = {d['rho']} on a synthetic similarity (the "
@@ -357,16 +361,21 @@ def tpot_section(d: dict) -> tuple[str, list[str]]:
              f"{d['tokens']} tokens per run, ABBA over {d['repeats']} rounds, medians. TPOT: {d.get('tpot')}. "
              "MoE share = MoE-layer time per step (measured inside the worker) / plain TPOT; bound = "
              "1 / ((1 - share) + share x after / before); *of bound* = (speed-up - 1) / (bound - 1). "
-             f"Load: `{d.get('uptime_before', '?')}` before, `{d.get('uptime_after', '?')}` after.", ""]
+             f"Load: `{d.get('uptime_before', '?')}` before, `{d.get('uptime_after', '?')}` after."
+             + (f" CPU: {cpu.get('model')}, {cpu.get('cores')} cores, AVX-512 "
+                f"{'yes' if cpu.get('avx512f') else 'no'}, AVX-512 BF16 {'yes' if cpu.get('avx512_bf16') else 'no'}."
+                if cpu else ""), ""]
     for o in d.get("other_runs", []):   # bench_tpot.py --merge: a second shape in the same file
         lines[-2] += (f" Hidden {o['model']['hidden']} rows: `{o.get('command')}` ({o.get('wall_s', '?')} s; load "
                       f"`{o.get('uptime_before', '?')}` before, `{o.get('uptime_after', '?')}` after).")
     rows = [[str(r["hidden"]), str(r["batch"]), r["rule"], str(r["S"]), fmt(r["plain_ms"], 2), fmt(r["sere_ms"], 2),
              fmt(r["speedup"], 3), fmt(r["moe_share"], 3),
              f"{fmt(r['distinct_before'], 1)} → {fmt(r['distinct_after'], 1)}", fmt(r["bound_speedup"], 3),
-             fmt(r.get("of_bound"), 2)] for r in d["rows"]]
+             fmt(r.get("of_bound"), 2)] + ([fmt(r.get("moe_sere_ms"), 2), fmt(r.get("skipped_frac"), 3)] if skip else [])
+            for r in d["rows"]]
     lines.append(table(["hidden", "batch", "rule", "S", "TPOT plain ms", "TPOT SERE ms", "speed-up", "MoE share",
-                        "experts/layer before → after", "bound", "of bound"], rows))
+                        "experts/layer before → after", "bound", "of bound"]
+                       + (["MoE SERE ms", "slots skipped"] if skip else []), rows))
     lines.append("")
     hook = d.get("hook_batch1") or {}
     notes = []
@@ -382,7 +391,7 @@ def tpot_section(d: dict) -> tuple[str, list[str]]:
     png = f"results/{d.get('benchmark', 'tpot_cpu')}.png"
     if (HERE / png).exists():
         lines += [f"![{d.get('benchmark')}]({png})", ""]
-    for r in d["rows"]:
+    for r in d["rows"] if not skip else []:
         if r["batch"] in (1, 16) and r["speedup"] is not None:
             notes.append(f"{'GPU' if gpu else 'vLLM-CPU'} decode, E={r['experts']} hidden {r['hidden']}, batch "
                          f"{r['batch']}, {r['rule']} rule, S={r['S']}: TPOT speed-up {r['speedup']:.2f}x (bound {fmt(r['bound_speedup'], 2)}x "
@@ -466,7 +475,7 @@ def generic_section(name: str, d: dict) -> tuple[str, list[str]]:
         lines += [", ".join(f"{k}: {fmt(v)}" for k, v in list(scalars.items())[:12]), ""]
     rows = d.get("rows") or d.get("runs") or d.get("results")
     if isinstance(rows, list) and rows and isinstance(rows[0], dict):
-        cols = [k for k, v in rows[0].items() if isinstance(v, (int, float, str, bool))][:10]
+        cols = [k for k, v in rows[0].items() if isinstance(v, (int, float, str, bool))][:12]
         lines.append(table(cols, [[r.get(c) if not isinstance(r.get(c), bool) else str(r.get(c)) for c in cols]
                                   for r in rows[:40]]))
         lines.append("")

@@ -50,7 +50,7 @@ def ep():
     args, _ = load_yaml_args(ROOT / "deploy" / "cpu-ep.yaml")
     args["engine"]["max_model_len"] = 256
     args["env"]["SERE_STATS_DIR"] = STATS
-    assert args["sere"]["mode"] == "rank_aware"
+    assert args["sere"]["mode"] == "rank_aware" and args["sere"]["skip_zero_slots"] is True
     args["sere"].update(mode="error_aware_rank_aware", unmatched="drop", gain_threshold=0.3)
     with local_endpoint(args, port=PORT, name="sere-ep-test", metrics_port=METRICS_PORT) as url:
         yield url, args["model_id"]
@@ -108,3 +108,13 @@ def test_error_aware_moves_and_drops_are_counted_on_rays_metrics_export(ep):
                  if line.startswith("ray_sere_rerouted_slots_total{") and f'model_id="{model}"' in line}
     assert sorted(moved) == ["0", "1", "2", "3"], moved
     assert sum(moved.values()) > 0
+    # skip_zero_slots (deploy/cpu-ep.yaml): both EP ranks' kernels skip the other rank's slots, summed
+    kern = {}
+    while time.time() < deadline + 30 and not kern.get("ray_sere_kernel_skipped_slots_total"):
+        text = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=30).text
+        kern = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith("ray_sere_kernel_") and f'model_id="{model}"' in line}
+        time.sleep(2)
+    slots, skipped = kern.get("ray_sere_kernel_slots_total", 0), kern.get("ray_sere_kernel_skipped_slots_total", 0)
+    # 2 ranks x 8 of 16 experts: each slot is remote on one of the two ranks (plus the rule's drops)
+    assert slots > 0 and 0.4 < skipped / slots < 0.8, kern

@@ -202,7 +202,8 @@ def test_planted_model_keeps_most_greedy_tokens_at_s1(family_engine):
 def top_s_engine(qwen3):
     from sere_dist.engine.stats import sere_control
     ckpt, art = qwen3
-    llm = make_llm(ckpt, sere={"artifact": str(art), "mode": "top_s", "select_top_k": 1, "record": 64})
+    llm = make_llm(ckpt, sere={"artifact": str(art), "mode": "top_s", "select_top_k": 1, "record": 64,
+                               "skip_zero_slots": True})
     sere_control(llm, enabled=False, reset=True)
     plain = greedy(llm)
     yield llm, plain
@@ -240,6 +241,35 @@ def test_top_s_keeps_each_decode_tokens_top_slots_with_the_weight_rescaled(top_s
         st = stats[layer]
         assert st["rerouted_slots"] == decode_slots > 0              # every dropped slot of a decode token
         assert st["distinct_experts_after"] < st["distinct_experts_before"]
+
+
+def test_skip_zero_slots_computes_only_the_slots_top_s_keeps(top_s_engine):
+    """With sere.skip_zero_slots the experts kernel gets exactly the slots with a weight: every slot
+    top-S zeroes (the counters' re-routed slots) is skipped, and nothing is skipped with SERE off or with
+    the skip switched off."""
+    from sere_dist.engine.stats import sere_control, sere_kernel_stats, sere_stats
+    llm, plain = top_s_engine
+    try:
+        sere_control(llm, enabled=True, select_top_k=1, reset=True)
+        greedy(llm)
+        (ks,), stats = sere_kernel_stats(llm), sere_stats(llm)
+        assert ks["skipped_slots"] == sum(st["rerouted_slots"] for st in stats.values()) > 0
+        assert 0 < ks["compacted_calls"] < ks["calls"]           # prefill-only steps have no weight-0 slot
+        sere_control(llm, enabled=False, reset=True)            # plain routing: no weight is 0
+        assert greedy(llm) == plain
+        (ks,) = sere_kernel_stats(llm)
+        assert ks["calls"] > 0 and ks["skipped_slots"] == 0 and ks["compacted_calls"] == 0
+        sere_control(llm, enabled=True, skip_zero_slots=False, reset=True)
+        greedy(llm)
+        assert sere_kernel_stats(llm)[0]["calls"] == 0          # the kernel is called as vLLM calls it
+    finally:
+        sere_control(llm, skip_zero_slots=True, reset=True)
+
+
+def test_skip_zero_slots_is_refused_at_run_time_where_it_is_not_installed(family_engine):
+    from sere_dist.engine.stats import sere_control
+    with pytest.raises(Exception, match=r"needs an engine started with sere.skip_zero_slots: true"):
+        sere_control(family_engine["llm"], skip_zero_slots=True)
 
 
 # ---------------------------------------------------------------- error-aware re-routing
@@ -310,13 +340,13 @@ def test_compiled_cpu_mode_reroutes_exactly_the_decode_tokens(workdir, mode):
     """enforce_eager=False: Dynamo traces the hook once; the token mask and the counters are buffers,
     so the compiled graph re-routes exactly the decode tokens of every later batch. (Greedy fidelity is
     checked in eager engines above; vLLM-CPU's compiled and eager kernels differ numerically anyway.)"""
-    from sere_dist.engine.stats import sere_stats
+    from sere_dist.engine.stats import sere_kernel_stats, sere_stats
     ckpt = write_checkpoint(workdir / "compiled-planted", TinySpec(family="qwen3_moe", num_experts=16, top_k=4),
                             kind="planted")
     art = _cluster_artifact(ckpt, workdir / f"compiled-sim-{mode}", routed=mode == "error_aware")
     sere = {"artifact": str(art), "select_top_k": 1}
     if mode == "error_aware":
-        sere.update(mode="error_aware", gain_threshold=0.5, unmatched="drop")
+        sere.update(mode="error_aware", gain_threshold=0.5, unmatched="drop", skip_zero_slots=True)
     else:
         sere.update(threshold=0.5)
     llm = make_llm(ckpt, sere=sere, enforce_eager=False)
@@ -325,8 +355,13 @@ def test_compiled_cpu_mode_reroutes_exactly_the_decode_tokens(workdir, mode):
         first = sere_stats(llm)
         greedy(llm)
         stats = sere_stats(llm)
+        kernel = sere_kernel_stats(llm)[0]
     finally:
         close_llm(llm)
+    if mode == "error_aware":            # the skip is a custom op, so the compiled graph calls it as well
+        assert kernel["skipped_slots"] > 0 and kernel["compacted_calls"] > 0
+    else:
+        assert kernel == {}
     assert sorted(stats) == [0, 1]                                              # both MoE layers
     for layer, c in stats.items():
         assert first[layer]["tokens"] == 2 * (MAX_TOKENS - 1)                     # decode tokens only

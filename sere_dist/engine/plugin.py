@@ -88,6 +88,7 @@ def register() -> None:
         EngineArgs.create_engine_config = _wrap_create_engine_config(EngineArgs.create_engine_config)
     WorkerBase.sere_stats = _worker_stats            # reached through LLM.collective_rpc("sere_stats")
     WorkerBase.sere_records = _worker_records
+    WorkerBase.sere_kernel_stats = _worker_kernel_stats
     WorkerBase.sere_control = _worker_control
     # The first process that loads the plugin (API server, offline driver, Serve replica) owns the
     # stats directory; engine processes it spawns inherit it through the environment.
@@ -200,6 +201,9 @@ def _install(runner) -> None:
         return
     if cfg is not None:
         check_router_is_called(runner.layer_name, _monolithic_kernel(runner))
+        if cfg.skip_zero_slots:
+            check_skip_zero_slots(runner.layer_name, current_platform.is_cpu(), _experts_kernel(runner))
+            _install_skip_zero_slots()
     router = runner.router
     original = router._compute_routing
     runner._sere_on = False
@@ -209,7 +213,7 @@ def _install(runner) -> None:
     router._compute_routing = functools.partial(_compute_routing, runner, original)
     if cfg is not None:
         _state["runners"].append(runner)
-        start_writer(_local_stats)
+        start_writer(_local_stats, lambda: dict(_state.get("kernel_stats") or {}))
 
 
 def check_router_is_called(layer_name: str, monolithic_kernel: str | None) -> None:
@@ -220,6 +224,109 @@ def check_router_is_called(layer_name: str, monolithic_kernel: str | None) -> No
             f"sere: MoE layer {layer_name} runs vLLM's monolithic kernel {monolithic_kernel}, which routes inside "
             f"the kernel and never calls the router, so SERE would silently do nothing; pick a modular MoE "
             f"backend (--moe-backend triton, cutlass, deep_gemm, ...) or set sere.enabled: false")
+
+
+def check_skip_zero_slots(layer_name: str, on_cpu: bool, experts_kernel: type | None) -> None:
+    """`skip_zero_slots` wraps vLLM-CPU's unquantized experts kernel (`cpu_fused_moe`); refuse it where
+    the layer runs another kernel, where it would silently do nothing."""
+    if not on_cpu:
+        raise SereConfigError(
+            "sere.skip_zero_slots applies to vLLM-CPU's fused MoE kernel only; on GPU, vLLM's kernels skip "
+            "slots with id -1 under an expert map instead; remove sere.skip_zero_slots")
+    from vllm.model_executor.layers.fused_moe.experts import cpu_moe
+
+    name = getattr(experts_kernel, "__name__", repr(experts_kernel))
+    if not (isinstance(experts_kernel, type) and issubclass(experts_kernel, cpu_moe.CPUUnquantizedExperts)):
+        raise SereConfigError(
+            f"sere.skip_zero_slots: MoE layer {layer_name} runs the experts kernel {name}, not vLLM-CPU's "
+            f"unquantized cpu_fused_moe (CPUUnquantizedExperts), so no slot would be skipped; remove "
+            f"sere.skip_zero_slots or serve the model unquantized")
+    import importlib.util
+    if importlib.util.find_spec("zentorch") is not None:
+        raise SereConfigError(
+            f"sere.skip_zero_slots: zentorch is installed, and vLLM-CPU then runs MoE layer {layer_name} "
+            f"with zentorch_fused_moe where it can, which the skip does not reach; remove sere.skip_zero_slots")
+
+
+def _experts_kernel(runner):
+    """The experts kernel class vLLM picked for the layer (None when it cannot be told)."""
+    qm = getattr(runner.routed_experts, "quant_method", None)
+    return getattr(qm, "experts_cls", None)
+
+
+def _install_skip_zero_slots() -> None:
+    """Once per process: vLLM-CPU's experts call `cpu_fused_moe` through the custom op
+    `sere_dist::cpu_fused_moe_skip_zero` (opaque to Dynamo, so compiled engines run it as it is)."""
+    from vllm.model_executor.layers.fused_moe.experts import cpu_moe
+
+    with _lock:
+        if _state.get("skip_installed"):
+            return
+        _state["skip_installed"] = True
+        _state["skip_on"] = True
+        _state["kernel_stats"] = {"calls": 0, "compacted_calls": 0, "slots": 0, "skipped_slots": 0}
+        kernel = cpu_moe.cpu_fused_moe
+        op = _register_skip_op(kernel)
+
+        @functools.wraps(kernel)
+        def cpu_fused_moe(out, input, w13, w2, w13_bias, w2_bias, topk_weights, topk_ids, act, isa,
+                          skip_weighted=False):
+            op(out, input, w13, w2, w13_bias, w2_bias, topk_weights, topk_ids, act, isa, bool(skip_weighted))
+
+        cpu_fused_moe._sere_skip = True
+        cpu_moe.cpu_fused_moe = cpu_fused_moe
+
+
+def _register_skip_op(kernel):
+    # an explicit schema: this module's annotations are strings (from __future__ import annotations)
+    schema = ("(Tensor(a!) out, Tensor input, Tensor w13, Tensor w2, Tensor? w13_bias, Tensor? w2_bias, "
+              "Tensor topk_weights, Tensor topk_ids, str act, str isa, bool skip_weighted) -> ()")
+
+    @torch.library.custom_op("sere_dist::cpu_fused_moe_skip_zero", mutates_args=("out",), schema=schema)
+    def cpu_fused_moe_skip_zero(out, input, w13, w2, w13_bias, w2_bias, topk_weights, topk_ids, act, isa,
+                                skip_weighted):
+        if not _state["skip_on"]:                  # switched off at run time (sere_control)
+            kernel(out, input, w13, w2, w13_bias, w2_bias, topk_weights, topk_ids, act, isa, skip_weighted)
+            return
+        skip_zero_slots_moe(kernel, out, input, w13, w2, w13_bias, w2_bias, topk_weights, topk_ids, act, isa,
+                            skip_weighted, _state["kernel_stats"])
+
+    @cpu_fused_moe_skip_zero.register_fake
+    def _(out, input, w13, w2, w13_bias, w2_bias, topk_weights, topk_ids, act, isa, skip_weighted) -> None:
+        return None
+
+    return cpu_fused_moe_skip_zero
+
+
+def skip_zero_slots_moe(kernel, out, x, w13, w2, w13_bias, w2_bias, weights, ids, act, isa, skip_weighted,
+                        stats=None) -> None:
+    """out[t] = sum over token t's slots j with weights[t, j] != 0 of weights[t, j] * expert_{ids[t, j]}(x[t]),
+    computing only those slots: the kept (token, slot) pairs go to `kernel` (vLLM-CPU's cpu_fused_moe
+    signature) as P one-slot tokens, their outputs are summed per token in float32. Without weight-0 slots
+    (or with one slot per token) the kernel runs on the batch unchanged."""
+    t, k = ids.shape
+    keep = weights != 0
+    kept = int(keep.sum())
+    if stats is not None:
+        stats["calls"] += 1
+        stats["slots"] += t * k
+        stats["skipped_slots"] += t * k - kept if k > 1 and not skip_weighted else 0
+    if k == 1 or skip_weighted or kept == t * k:
+        kernel(out, x, w13, w2, w13_bias, w2_bias, weights, ids, act, isa, skip_weighted)
+        return
+    if stats is not None:
+        stats["compacted_calls"] += 1
+    if kept == 0:
+        out.zero_()
+        return
+    tok, slot = keep.nonzero(as_tuple=True)
+    xs = x.index_select(0, tok)
+    part = torch.empty_like(xs)
+    kernel(part, xs, w13, w2, w13_bias, w2_bias, weights[tok, slot].unsqueeze(1).contiguous(),
+           ids[tok, slot].unsqueeze(1).contiguous(), act, isa, False)
+    acc = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+    acc.index_add_(0, tok, part.float())
+    out.copy_(acc)
 
 
 def _monolithic_kernel(runner) -> str | None:
@@ -429,17 +536,33 @@ def _worker_stats(self) -> dict[str, dict[str, int]]:
     return _local_stats()
 
 
+def _worker_kernel_stats(self) -> dict[str, int]:
+    """`skip_zero_slots` counters of this worker's experts-kernel calls (empty when the skip is off)."""
+    return dict(_state.get("kernel_stats") or {})
+
+
 def _worker_records(self) -> dict[str, list]:
     return {str(k): v for k, v in _state["records"].items()}
 
 
 def _worker_control(self, enabled: bool | None = None, select_top_k: int | None = None,
-                    threshold: float | None = None, reset: bool = False) -> int:
+                    threshold: float | None = None, reset: bool = False, merge_duplicates: bool | None = None,
+                    skip_zero_slots: bool | None = None) -> int:
     """Benchmark/test control (eager engines only): switch SERE on/off, change S or rho for every
-    layer, reset counters and records. Returns the number of SERE layers in this worker."""
-    if (enabled, select_top_k, threshold) != (None, None, None) and not _state.get("eager", True):
+    layer, switch merge_duplicates and (where installed) skip_zero_slots, reset counters and records.
+    Returns the number of SERE layers in this worker."""
+    if (enabled, select_top_k, threshold, merge_duplicates, skip_zero_slots) != (None,) * 5 \
+            and not _state.get("eager", True):
         raise RuntimeError("sere_control can change settings only in eager engines (enforce_eager=True): "
                            "compiled graphs bake S and rho in")
+    if skip_zero_slots is not None:
+        if not _state.get("skip_installed"):
+            raise RuntimeError("sere_control(skip_zero_slots=...) needs an engine started with "
+                               "sere.skip_zero_slots: true")
+        _state["skip_on"] = bool(skip_zero_slots)
+    if reset and _state.get("kernel_stats"):
+        for key in _state["kernel_stats"]:
+            _state["kernel_stats"][key] = 0
     for r in _state["runners"]:      # arguments were checked by sere_control
         if enabled is not None:
             r._sere_on = bool(enabled)
@@ -447,6 +570,8 @@ def _worker_control(self, enabled: bool | None = None, select_top_k: int | None 
             r._sere_s = int(select_top_k)
         if threshold is not None:
             r._sere_rho = float(threshold)
+        if merge_duplicates is not None:
+            r._sere_merge = bool(merge_duplicates)
         if reset:
             r._sere_counts.zero_()
     if reset:

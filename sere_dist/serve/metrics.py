@@ -9,6 +9,12 @@ layer:
     ray_sere_distinct_experts_before_total{model_id="...", layer="0"}
     ray_sere_distinct_experts_after_total, ray_sere_rerouted_slots_total, ray_sere_batches_total,
     ray_sere_tokens_total
+
+and, with `sere.skip_zero_slots` on, per model summed over the workers (under expert parallelism each
+rank skips the slots of the experts it does not hold):
+
+    ray_sere_kernel_slots_total, ray_sere_kernel_skipped_slots_total, ray_sere_kernel_calls_total,
+    ray_sere_kernel_compacted_calls_total
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ import os
 import threading
 import time
 
-from sere_dist.engine.stats import COUNTERS, HELP, STATS_ENV, read_stats_dir
+from sere_dist.engine.stats import (COUNTERS, HELP, KERNEL_COUNTERS, KERNEL_HELP, STATS_ENV, read_kernel_stats_dir,
+                                    read_stats_dir)
 
 _started: set[str] = set()
 _lock = threading.Lock()
@@ -38,7 +45,10 @@ def _loop(model_id: str, interval_s: float) -> None:
     from ray.util.metrics import Counter
 
     counters = {c: Counter(f"sere_{c}", description=HELP[c], tag_keys=("model_id", "layer")) for c in COUNTERS}
+    kernel = {c: Counter(f"sere_kernel_{c}", description=KERNEL_HELP[c], tag_keys=("model_id",))
+              for c in KERNEL_COUNTERS}
     seen: dict[tuple[int, str], int] = {}
+    seen_kernel: dict[str, int] = {}
     while True:
         time.sleep(interval_s)
         d = os.environ.get(STATS_ENV)     # set when the plugin registers in this process (or by the config)
@@ -52,5 +62,10 @@ def _loop(model_id: str, interval_s: float) -> None:
                     if delta > 0:
                         counters[c].inc(delta, tags={"model_id": model_id, "layer": str(layer)})
                     seen[(layer, c)] = max(total, seen.get((layer, c), 0))
+            for c, total in read_kernel_stats_dir(d).items():
+                delta = total - seen_kernel.get(c, 0)
+                if delta > 0:
+                    kernel[c].inc(delta, tags={"model_id": model_id})
+                seen_kernel[c] = max(total, seen_kernel.get(c, 0))
         except Exception:  # noqa: BLE001 - metrics must never take the replica down
             continue
