@@ -380,9 +380,11 @@ def set_arm(llm, arm: str, k: int, skip_engine: bool = False) -> None:
 
 def rule_threshold(args, rule: str) -> dict:
     """rho for the paper's and the rank-aware rule; for the error-aware modes the gain threshold that moves
-    the same slots on the synthetic artifact (gain = similarity^2 there), unmatched slots kept."""
+    the same slots on the synthetic artifact (gain = similarity^2 there); unmatched slots kept, or dropped /
+    renormalised with --ea-unmatched."""
     if rule.startswith("error_aware"):
-        return {"gain_threshold": round(args.rho ** 2, 6)}
+        extra = {"unmatched": args.ea_unmatched} if args.ea_unmatched != "keep" else {}
+        return {"gain_threshold": round(args.rho ** 2, 6), **extra}
     return {"threshold": args.rho}
 
 
@@ -502,7 +504,7 @@ def summarize(samples: list[dict], args, gpu: bool) -> tuple[list[dict], list[di
                        "rho": args.rho, "plain_ms": r3(plain), "sere_ms": r3(sere), "speedup": r3(speed),
                        "moe_share": r3(share), "distinct_before": r3(before), "distinct_after": r3(after),
                        "bound_speedup": r3(bound),
-                       **({"gain_threshold": rule_threshold(args, rule)["gain_threshold"]}
+                       **({k: v for k, v in rule_threshold(args, rule).items() if k != "threshold"}
                           if rule.startswith("error_aware") else {}),
                        **({"variant": "merge_duplicates + skip_zero_slots",
                            "skipped_frac": r3(med(b, arm, "skipped_frac", rule))} if variant else {})}
@@ -658,6 +660,8 @@ def parse_args(argv=None):
                     help="synthetic similarity: clusters of 8 experts (1 inside, 0.1 across; default rho 0.5) or "
                          "uniform symmetric noise (default rho 0.3: nearly every secondary moves)")
     ap.add_argument("--rho", type=float, default=None)
+    ap.add_argument("--ea-unmatched", choices=("keep", "drop", "renorm"), default="keep",
+                    help="error-aware rules: what happens to a secondary slot no primary recovers enough of")
     ap.add_argument("--tokens", type=int, default=16, help="max_tokens per run (tokens - 1 decode steps)")
     ap.add_argument("--repeats", type=int, default=6, help="ABBA rounds per batch size (>= 5)")
     ap.add_argument("--bind", default=DEFAULT_BIND, help="VLLM_CPU_OMP_THREADS_BIND for the CPU worker")
