@@ -307,15 +307,15 @@ def skip_zero_slots_moe(kernel, out, x, w13, w2, w13_bias, w2_bias, weights, ids
     t, k = ids.shape
     keep = weights != 0
     kept = int(keep.sum())
+    compact = k > 1 and not skip_weighted and kept < t * k
     if stats is not None:
         stats["calls"] += 1
         stats["slots"] += t * k
-        stats["skipped_slots"] += t * k - kept if k > 1 and not skip_weighted else 0
-    if k == 1 or skip_weighted or kept == t * k:
+        stats["skipped_slots"] += t * k - kept if compact else 0
+        stats["compacted_calls"] += int(compact)
+    if not compact:
         kernel(out, x, w13, w2, w13_bias, w2_bias, weights, ids, act, isa, skip_weighted)
         return
-    if stats is not None:
-        stats["compacted_calls"] += 1
     if kept == 0:
         out.zero_()
         return
