@@ -3,6 +3,7 @@
     python benchmarks/bench_tpot.py                       # CPU: the issue-13 shape, writes tpot_cpu.json/png
     python benchmarks/bench_tpot.py --compare-binds auto,0-1,nobind    # thread binding -> tpot_threads.json
     python benchmarks/bench_tpot.py --gpu                 # CUDA graphs on, one engine per arm -> tpot_gpu.json
+    python benchmarks/bench_tpot.py --resummarize results/tpot_cpu.json   # rows again from its stored samples
 
 Model: a random (or `--kind planted`) bf16 Qwen3-MoE-shaped checkpoint written locally by
 `sere_dist.models.tiny.write_checkpoint` (default E = 128, k = 8, hidden 2048, expert intermediate
@@ -36,6 +37,13 @@ of the plain step, distinct experts per layer per batch before / after (the plug
 the bound = 1 / ((1 - share) + share * after / before): the speed-up if MoE time fell exactly with the
 distinct experts. Hook overhead at batch 1 = (`route_fast` time summed over layers + the mask fill)
 per step / plain TPOT, measured directly; the TPOT difference of the `S=k` arm is reported beside it.
+Paired: each ABBA round measures every arm once, close together in time, so the per-round ratio plain /
+SERE cancels most of the machine's slow drift; `speedup_ci95` is the 95% t-interval of the geometric mean
+of those ratios (`speedup_paired`). It is what says whether a small gap (the 2% batch-1 goal) is resolved.
+Where the bound goes (CPU): the experts kernel's time per layer is fitted over every batch size and arm
+as alpha * distinct experts + beta * slots + gamma (`kernel_model`). Re-routing moves slots but keeps
+them all, so only the alpha term can fall; `slot_bound_speedup` is the bound with the beta and gamma
+terms held (`expert_read_frac` = the alpha term's share of the plain kernel time).
 """
 
 from __future__ import annotations
@@ -43,7 +51,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -75,10 +85,66 @@ def bound_speedup(moe_share: float, distinct_before: float, distinct_after: floa
     return 1.0 / ((1.0 - moe_share) + moe_share * distinct_after / distinct_before)
 
 
+def fit_kernel_model(points: list[tuple[float, float, float]]) -> dict | None:
+    """Least squares of the experts kernel's time per MoE layer (ms) = alpha * distinct experts + beta * slots
+    + gamma over `points` (distinct, slots, ms): alpha is the cost of reading one expert's weights, beta the
+    compute of one (token, slot), gamma the fixed cost per layer. None with fewer than 6 points (twice the
+    parameters: three batch sizes, plain and SERE) or when the points do not separate the terms (all slot
+    counts equal, or experts and slots in fixed proportion)."""
+    import numpy as np
+    if len(points) < 6:
+        return None
+    a = np.array([[d, n, 1.0] for d, n, _ in points], dtype=np.float64)
+    y = np.array([t for _, _, t in points], dtype=np.float64)
+    if np.linalg.matrix_rank(a) < 3:
+        return None
+    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+    resid = np.abs(a @ coef - y) / np.maximum(np.abs(y), 1e-12)
+    return {"alpha_ms_per_expert": float(coef[0]), "beta_ms_per_slot": float(coef[1]), "gamma_ms": float(coef[2]),
+            "points": len(points), "max_rel_resid": float(resid.max()), "median_rel_resid": float(np.median(resid))}
+
+
+def slot_bound_speedup(moe_share: float, expert_frac: float, distinct_before: float, distinct_after: float) -> float:
+    """The bound when only the expert-read part of the MoE time (`expert_frac` of it) falls with distinct experts
+    and the per-slot compute and fixed cost stay (re-routing keeps every slot):
+    1 / ((1 - share) + share * ((1 - f) + f * after / before))."""
+    if not 0.0 <= expert_frac <= 1.0:
+        raise ValueError(f"expert_frac must be in [0, 1], got {expert_frac}")
+    return bound_speedup(moe_share * expert_frac, distinct_before, distinct_after)
+
+
 def abba_orders(arms: list[str], repeats: int) -> list[list[str]]:
     """Run order per round: the arms forward in even rounds, backward in odd ones (A B C, C B A, ...),
     so slow drift of a shared machine shifts every arm's mean alike over an even number of rounds."""
     return [list(arms) if r % 2 == 0 else list(reversed(arms)) for r in range(repeats)]
+
+
+def paired_speedup(pairs: list[tuple[float, float]], level: float = 0.95) -> dict | None:
+    """Speed-up from ABBA rounds: `pairs` holds (plain TPOT, SERE TPOT) of the same round. Returns the geometric
+    mean of the per-round ratios plain / SERE and its `level` t-interval (on the log ratios, so the interval of a
+    slowdown and of a speed-up are symmetric); None with fewer than two rounds or a non-positive time."""
+    pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+    if len(pairs) < 2 or any(a <= 0 or b <= 0 for a, b in pairs):
+        return None
+    logs = [math.log(a / b) for a, b in pairs]
+    n = len(logs)
+    mean, sd = statistics.fmean(logs), statistics.stdev(logs)
+    try:
+        from scipy.stats import t as _t
+        q = float(_t.ppf(0.5 + level / 2, n - 1))
+    except ImportError:   # the normal quantile: a little narrow for few rounds
+        q = statistics.NormalDist().inv_cdf(0.5 + level / 2)
+    half = q * sd / math.sqrt(n)
+    return {"speedup": math.exp(mean), "lo": math.exp(mean - half), "hi": math.exp(mean + half), "rounds": n}
+
+
+def round_pairs(samples: list[dict], batch: int, arm: str, rule: str, ref: str = "plain") -> list[tuple[float, float]]:
+    """(ref TPOT, arm TPOT) per ABBA round of one batch size and rule."""
+    by = {}
+    for s in samples:
+        if s["batch"] == batch and s["rule"] == rule and s["arm"] in (ref, arm):
+            by.setdefault(s["round"], {})[s["arm"]] = s["tpot_ms"]
+    return [(v[ref], v[arm]) for _, v in sorted(by.items()) if ref in v and arm in v]
 
 
 def decode_steps(steps: list[dict], batch: int) -> list[dict]:
@@ -476,14 +542,17 @@ def fmt(v, nd=2) -> str:
     return "-" if v is None else f"{v:.{nd}f}"
 
 
-def summarize(samples: list[dict], args, gpu: bool) -> tuple[list[dict], list[dict], dict]:
-    """(headline rows, detailed rows, hook summary) from the per-run samples."""
+def summarize(samples: list[dict], args, gpu: bool) -> tuple[list[dict], list[dict], dict, dict]:
+    """(headline rows, detailed rows, hook summary, fitted kernel model per rule) from the per-run samples."""
     def med(b, arm, key, rule=None):
         return median_or_none([s[key] for s in samples if s["batch"] == b and s["arm"] == arm
                                and (rule is None or s["rule"] == rule)])
 
-    head, detail = [], []
+    head, detail, models = [], [], {}
     for rule in args.rules:
+        model = None if gpu else kernel_model(samples, args, rule, med)
+        if model:
+            models[rule] = model
         for b in args.batches:
             plain = med(b, "plain", "tpot_ms", rule)
             if gpu:
@@ -499,11 +568,13 @@ def summarize(samples: list[dict], args, gpu: bool) -> tuple[list[dict], list[di
                 sere = med(b, arm, "tpot_ms", rule)
                 before, after = med(b, arm, "distinct_before", rule), med(b, arm, "distinct_after", rule)
                 speed = plain / sere if (plain and sere) else None
+                paired = paired_speedup(round_pairs(samples, b, arm, rule))
                 bound = bound_speedup(share, before, after) if (share is not None and before) else None
                 row = {"experts": args.experts, "hidden": args.hidden, "batch": b, "rule": rule + variant, "S": s,
                        "rho": args.rho, "plain_ms": r3(plain), "sere_ms": r3(sere), "speedup": r3(speed),
                        "moe_share": r3(share), "distinct_before": r3(before), "distinct_after": r3(after),
                        "bound_speedup": r3(bound),
+                       "speedup_ci95": [r3(paired["lo"]), r3(paired["hi"])] if paired else None,
                        **({k: v for k, v in rule_threshold(args, rule).items() if k != "threshold"}
                           if rule.startswith("error_aware") else {}),
                        **({"variant": "merge_duplicates + skip_zero_slots",
@@ -511,6 +582,8 @@ def summarize(samples: list[dict], args, gpu: bool) -> tuple[list[dict], list[di
                 head.append(row)
                 detail.append({**row, "layers": args.layers, "intermediate": args.intermediate,
                                "of_bound": r3((speed - 1) / (bound - 1)) if (speed and bound and bound > 1) else None,
+                               "speedup_paired": r3(paired["speedup"]) if paired else None,
+                               **slot_bound_fields(model, args, b, share, before, after, speed),
                                "moe_plain_ms": r3(moe_plain), "moe_sere_ms": r3(med(b, arm, "moe_ms", rule)),
                                "kernel_plain_ms": r3(med(b, "plain", "kernel_ms", rule)),
                                "kernel_sere_ms": r3(med(b, arm, "kernel_ms", rule)),
@@ -526,33 +599,85 @@ def summarize(samples: list[dict], args, gpu: bool) -> tuple[list[dict], list[di
         plain, sk = med(1, "plain", "tpot_ms", rule), med(1, "S=k", "tpot_ms", rule)
         op, mask = med(1, "S=k", "hook_ms", rule), med(1, "S=k", "mask_ms", rule)
         direct = ((op or 0.0) + (mask or 0.0)) / plain if plain else None
+        paired = paired_speedup(round_pairs(samples, 1, "S=k", rule))
         hook = {"batch": 1, "plain_ms": r3(plain), "s_eq_k_ms": r3(sk), "route_op_ms_per_step": r3(op, 4),
                 "mask_fill_ms_per_step": r3(mask, 4), "layers": args.layers,
                 "overhead_direct": r3(direct, 4),
                 "overhead_tpot_diff": r3((sk - plain) / plain, 4) if (plain and sk) else None,
+                "overhead_tpot_diff_ci95": [r3(1 / paired["hi"] - 1, 4), r3(1 / paired["lo"] - 1, 4)] if paired else None,
                 "what": "overhead_direct = (sere_dist route op summed over the MoE layers + the per-step token-mask "
                         "fill) per decode step, timed inside the worker in the S=k arm (hook runs, nothing moves, "
                         "counters as configured), / plain TPOT; overhead_tpot_diff = TPOT(S=k) / TPOT(plain) - 1 "
-                        "(plain = SERE disabled via sere_control: the hook is skipped, the mask fill still runs)"}
-    return head, detail, hook
+                        "(plain = SERE disabled via sere_control: the hook is skipped, the mask fill still runs); "
+                        "its ci95 from the per-round ratios (t-interval of the log ratio)"}
+    return head, detail, hook, models
+
+
+def kernel_model(samples: list[dict], args, rule: str, med) -> dict | None:
+    """fit_kernel_model over one rule's plain and SERE arms (medians per batch size and arm; the skip arms
+    compute fewer slots and stay out). The plain arm's distinct experts are the SERE arms' `before` count."""
+    pts = []
+    for b in args.batches:
+        arms = [f"S={s}" for s in args.s_values] + (["S=k"] if b == 1 and args.hook_arm else [])
+        before = median_or_none([med(b, a, "distinct_before", rule) for a in arms])
+        plain = med(b, "plain", "kernel_ms", rule)
+        if before is not None and plain is not None:
+            pts.append((before, args.top_k * b, plain / args.layers))
+        for a in arms:
+            after, k = med(b, a, "distinct_after", rule), med(b, a, "kernel_ms", rule)
+            if after is not None and k is not None:
+                pts.append((after, args.top_k * b, k / args.layers))
+    return fit_kernel_model(pts)
+
+
+def slot_bound_fields(model: dict | None, args, b: int, share, before, after, speed) -> dict:
+    """A row's expert-read fraction of the plain kernel time (from the fitted model) and the slot-aware bound."""
+    if not model or share is None or not before or after is None:
+        return {}
+    a, n, g = model["alpha_ms_per_expert"] * before, model["beta_ms_per_slot"] * args.top_k * b, model["gamma_ms"]
+    frac = min(max(a / (a + n + g), 0.0), 1.0) if (a + n + g) > 0 else 0.0
+    sb = slot_bound_speedup(share, frac, before, after)
+    return {"expert_read_frac": r3(frac), "slot_bound_speedup": r3(sb),
+            "of_slot_bound": r3((speed - 1) / (sb - 1)) if (speed and sb > 1) else None}
 
 
 def r3(v, nd=3):
     return None if v is None else round(float(v), nd)
 
 
-def print_table(rows: list[dict], hook: dict) -> None:
-    print("\n| batch | rule | S | TPOT plain ms | TPOT SERE ms | speed-up | MoE share | experts before -> after "
-          "| bound | of bound |\n|---:|---|---:|---:|---:|---:|---:|---|---:|---:|")
+def ci_text(mid, ci, nd=3) -> str:
+    """'1.012 [0.991, 1.034]', or '-' without a paired estimate."""
+    if mid is None or not ci:
+        return "-"
+    return f"{mid:.{nd}f} [{ci[0]:.{nd}f}, {ci[1]:.{nd}f}]"
+
+
+def print_table(rows: list[dict], hook: dict, models: dict | None = None) -> None:
+    print("\n| batch | rule | S | TPOT plain ms | TPOT SERE ms | speed-up | paired, 95% CI | MoE share "
+          "| experts before -> after | bound | of bound |\n|---:|---|---:|---:|---:|---:|---|---:|---|---:|---:|")
     for r in rows:
         print(f"| {r['batch']} | {r['rule']} | {r['S']} | {fmt(r['plain_ms'])} | {fmt(r['sere_ms'])} | "
-              f"{fmt(r['speedup'], 3)} | {fmt(r['moe_share'], 3)} | {fmt(r['distinct_before'], 1)} -> "
+              f"{fmt(r['speedup'], 3)} | {ci_text(r.get('speedup_paired'), r.get('speedup_ci95'))} | "
+              f"{fmt(r['moe_share'], 3)} | {fmt(r['distinct_before'], 1)} -> "
               f"{fmt(r['distinct_after'], 1)} | {fmt(r['bound_speedup'], 3)} | {fmt(r.get('of_bound'), 2)} |")
     if hook:
         print(f"\nhook at batch 1: route op {fmt(hook['route_op_ms_per_step'], 4)} ms + mask "
               f"{fmt(hook['mask_fill_ms_per_step'], 4)} ms per step = {fmt(100 * (hook['overhead_direct'] or 0), 2)}% "
               f"of plain TPOT {fmt(hook['plain_ms'], 3)} ms; TPOT(S=k)/TPOT(plain) - 1 = "
-              f"{fmt(100 * hook['overhead_tpot_diff'], 2) if hook['overhead_tpot_diff'] is not None else '-'}%")
+              f"{fmt(100 * hook['overhead_tpot_diff'], 2) if hook['overhead_tpot_diff'] is not None else '-'}%"
+              + (" (95% CI {:+.2f}% to {:+.2f}%)".format(*(100 * x for x in hook["overhead_tpot_diff_ci95"]))
+                 if hook.get("overhead_tpot_diff_ci95") else ""))
+    for rule, m in (models or {}).items():
+        print(f"kernel model ({rule}): {m['alpha_ms_per_expert']:.4f} ms per distinct expert + "
+              f"{m['beta_ms_per_slot']:.5f} ms per slot + {m['gamma_ms']:.3f} ms per layer "
+              f"({m['points']} points, max residual {100 * m['max_rel_resid']:.0f}%)")
+    if any(r.get("slot_bound_speedup") for r in rows):
+        print("slot-aware bound (only the expert reads fall with distinct experts; every slot is still computed):")
+        for r in rows:
+            if r.get("slot_bound_speedup") and r["batch"] > 1:
+                print(f"  b={r['batch']} {r['rule']} S={r['S']}: expert reads {fmt(r['expert_read_frac'], 2)} of the "
+                      f"kernel, slot-aware bound {fmt(r['slot_bound_speedup'], 3)}, speed-up {fmt(r['speedup'], 3)} "
+                      f"= {fmt(r.get('of_slot_bound'), 2)} of it")
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -684,6 +809,9 @@ def parse_args(argv=None):
                     help="--gpu: skip the eager engine that times the MoE blocks")
     ap.add_argument("--workdir", default="/tmp/sere_bench_tpot")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--resummarize", default=None, metavar="JSON",
+                    help="recompute the rows (and headline, hook) of a results file from the samples it stores, "
+                         "with each run's own recorded command; measures nothing")
     args = ap.parse_args(argv)
     args.batches = [int(x) for x in args.batch_sizes.split(",")]
     args.s_values = [int(x) for x in args.s_values.split(",")]
@@ -700,6 +828,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.resummarize:
+        return resummarize(Path(args.resummarize))
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")   # collective_rpc with our callables
     if args.compare_binds:
         return compare_binds(args)
@@ -722,8 +852,8 @@ def main(argv=None) -> int:
         samples += s
     up_after = uptime()
     print(f"uptime after:  {up_after}", flush=True)
-    head, detail, hook = summarize(samples, args, args.gpu)
-    print_table(detail, hook)
+    head, detail, hook, models = summarize(samples, args, args.gpu)
+    print_table(detail, hook, models)
     name = "tpot_gpu" if args.gpu else "tpot_cpu"
     out = Path(args.out) if args.out else OUT / f"{name}{'_skip' if args.skip_arms else ''}.json"
     device = "cpu"
@@ -743,7 +873,7 @@ def main(argv=None) -> int:
            "rho": args.rho, "similarity": args.sim, "tokens": args.tokens, "repeats": args.repeats,
            "order": "ABBA rounds (A B C, C B A, ...)",
            "tpot": "mean interval between decode-step starts inside the worker; median over repeats",
-           "rows": detail, "hook_batch1": hook, "samples": samples}
+           "rows": detail, "hook_batch1": hook, "kernel_model": models, "samples": samples}
     if args.headline:   # make_results.py copies "headline" into headline.json
         res["headline"] = {name: head}
         if hook:
@@ -758,6 +888,47 @@ def main(argv=None) -> int:
         plot(res.get("headline", {}).get(name) or head, out.with_suffix(".png"),
              f"vLLM {where}: E={args.experts} k={args.top_k}, inter {args.intermediate}, {args.layers} layers\n"
              f"{args.sim} similarity, rho={args.rho}; dashed: the bound at the measured MoE share")
+    return 0
+
+
+def resummarize(path: Path) -> int:
+    """--resummarize: the file's rows, headline and hook summary again from its stored samples (each run, the
+    main one and any --merge'd one, with the arguments of its own recorded command). Prints how many values of
+    the stored rows changed; adds what newer summaries carry (the paired intervals)."""
+    try:
+        d = json.loads(path.read_text())
+        runs = [d] + list(d.get("other_runs", []))
+        parsed = [parse_args(shlex.split(r["command"])[2:]) for r in runs]
+        if any("samples" not in r for r in runs):
+            raise KeyError("samples")
+    except (OSError, ValueError, KeyError, SystemExit) as e:
+        print(f"bench_tpot --resummarize: {path} is not a bench_tpot results file with its samples ({e})",
+              file=sys.stderr)
+        return 2
+    name = d.get("benchmark", "tpot_cpu").removesuffix("_skip")
+    heads, details = [], []
+    for run, a in zip(runs, parsed):
+        head, detail, hook, models = summarize(run["samples"], a, a.gpu)
+        heads += head
+        details += detail
+        if hook:
+            run["hook_batch1"] = hook
+        if models:
+            run["kernel_model"] = models
+        else:
+            run.pop("kernel_model", None)
+    key = lambda r: (r["experts"], r["hidden"], r["batch"], r["rule"], r["S"])  # noqa: E731
+    old = {key(r): r for r in d.get("rows", [])}
+    changed = sum(1 for r in details if key(r) in old for k, v in old[key(r)].items() if r.get(k) != v)
+    d["rows"] = details
+    if "headline" in d:
+        d["headline"][name] = heads
+        if d.get("hook_batch1"):
+            d["headline"]["hook_overhead_batch1"] = d["hook_batch1"]["overhead_direct"]
+    path.write_text(json.dumps(d, indent=1) + "\n")
+    print(f"{path}: {len(details)} rows from {sum(len(r['samples']) for r in runs)} samples; "
+          f"{changed} stored values changed")
+    print_table(details, d.get("hook_batch1") or {}, d.get("kernel_model") or {})
     return 0
 
 

@@ -368,17 +368,37 @@ def tpot_section(d: dict) -> tuple[str, list[str]]:
     for o in d.get("other_runs", []):   # bench_tpot.py --merge: a second shape in the same file
         lines[-2] += (f" Hidden {o['model']['hidden']} rows: `{o.get('command')}` ({o.get('wall_s', '?')} s; load "
                       f"`{o.get('uptime_before', '?')}` before, `{o.get('uptime_after', '?')}` after).")
+    paired = any(r.get("speedup_ci95") for r in d["rows"])
+    slotted = any(r.get("slot_bound_speedup") for r in d["rows"])
     rows = [[str(r["hidden"]), str(r["batch"]), r["rule"], str(r["S"]), fmt(r["plain_ms"], 2), fmt(r["sere_ms"], 2),
              fmt(r["speedup"], 3), fmt(r["moe_share"], 3),
              f"{fmt(r['distinct_before'], 1)} → {fmt(r['distinct_after'], 1)}", fmt(r["bound_speedup"], 3),
              fmt(r.get("of_bound"), 2)] + ([fmt(r.get("moe_sere_ms"), 2), fmt(r.get("skipped_frac"), 3)] if skip else [])
-            for r in d["rows"]]
+            + ([ci_cell(r)] if paired else [])
+            + ([fmt(r.get("expert_read_frac"), 2), fmt(r.get("slot_bound_speedup"), 3), fmt(r.get("of_slot_bound"), 2)]
+               if slotted else []) for r in d["rows"]]
     lines.append(table(["hidden", "batch", "rule", "S", "TPOT plain ms", "TPOT SERE ms", "speed-up", "MoE share",
                         "experts/layer before → after", "bound", "of bound"]
-                       + (["MoE SERE ms", "slots skipped"] if skip else []), rows))
+                       + (["MoE SERE ms", "slots skipped"] if skip else [])
+                       + (["paired speed-up [95% CI]"] if paired else [])
+                       + (["expert reads / kernel", "slot-aware bound", "of it"] if slotted else []), rows))
     lines.append("")
+    models = [(d["model"]["hidden"], rule, m) for rule, m in (d.get("kernel_model") or {}).items()]
+    models += [(o["model"]["hidden"], rule, m) for o in d.get("other_runs", [])
+               for rule, m in (o.get("kernel_model") or {}).items()]
+    if models:
+        lines += ["Where the bound is lost: a least-squares fit of the experts kernel's time per MoE layer over all "
+                  "batch sizes and arms, time = alpha x distinct experts + beta x slots + gamma: "
+                  + "; ".join(f"hidden {h} {rule}: alpha {m['alpha_ms_per_expert']:.3f} ms per expert, beta "
+                              f"{1e3 * m['beta_ms_per_slot']:.1f} µs per slot, gamma {m['gamma_ms']:.2f} ms "
+                              f"(median residual {100 * m['median_rel_resid']:.0f}%, max {100 * m['max_rel_resid']:.0f}%)"
+                              for h, rule, m in models)
+                  + ". Re-routing keeps every slot, so only the alpha term can fall: *expert reads / kernel* is that "
+                  "term's share of the plain kernel time, and the *slot-aware bound* = 1 / ((1 - s) + s x ((1 - f) + "
+                  "f x after / before)) with s the MoE share and f that fraction.", ""]
     hook = d.get("hook_batch1") or {}
     notes = []
+    machine = (f", {cpu.get('model')} {'with' if cpu.get('avx512f') else 'without'} AVX-512" if cpu and not gpu else "")
     if hook:
         lines += [f"Hook at batch 1: the route op {fmt(hook['route_op_ms_per_step'], 4)} ms summed over "
                   f"{hook['layers']} layers + the token-mask fill {fmt(hook['mask_fill_ms_per_step'], 4)} ms per step = "
@@ -386,8 +406,20 @@ def tpot_section(d: dict) -> tuple[str, list[str]]:
                   f"TPOT with SERE at S = k (nothing moves) / plain - 1 = "
                   f"{fmt(100 * hook['overhead_tpot_diff'] if hook.get('overhead_tpot_diff') is not None else None, 2)}%.",
                   ""]
-        notes.append(f"SERE hook cost at batch 1 ({'GPU' if gpu else 'CPU'}, E={m['experts']} hidden {m['hidden']}): "
+        notes.append(f"SERE hook cost at batch 1 ({'GPU' if gpu else 'CPU'}{machine}, E={m['experts']} hidden {m['hidden']}): "
                      f"{100 * hook['overhead_direct']:.2f}% of a decode step")
+        ci = hook.get("overhead_tpot_diff_ci95")
+        if ci:
+            lines[-2] = lines[-2][:-1] + f" (95% CI {100 * ci[0]:+.2f}% to {100 * ci[1]:+.2f}%)."
+    for r in d["rows"]:
+        if r["batch"] == 1 and r.get("speedup_ci95"):
+            lo, hi = r["speedup_ci95"]
+            verdict = ("no slowdown beyond 2% shown" if lo >= 0.98 else
+                       "a slowdown beyond 2% shown" if hi < 0.98 else "2% not resolved")
+            notes.append(f"vLLM-CPU batch 1{machine}, E={r['experts']} hidden {r['hidden']}, {r['rule']} rule, S={r['S']}: "
+                         f"paired TPOT "
+                         f"speed-up {r['speedup_paired']:.3f} (95% CI {lo:.3f}-{hi:.3f}, "
+                         f"{len(r.get('runs_plain_ms') or [])} ABBA rounds): {verdict}")
     png = f"results/{d.get('benchmark', 'tpot_cpu')}.png"
     if (HERE / png).exists():
         lines += [f"![{d.get('benchmark')}]({png})", ""]
@@ -398,6 +430,14 @@ def tpot_section(d: dict) -> tuple[str, list[str]]:
                          f"at MoE share {fmt(r['moe_share'], 2)}; experts/layer {fmt(r['distinct_before'], 1)} → "
                          f"{fmt(r['distinct_after'], 1)})")
     return "\n".join(lines), notes
+
+
+def ci_cell(r: dict) -> str:
+    """'1.006 [0.983, 1.029]' from a bench_tpot row's paired estimate, '–' without one."""
+    ci = r.get("speedup_ci95")
+    if not ci or r.get("speedup_paired") is None:
+        return "–"
+    return f"{r['speedup_paired']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def tpot_threads_section(d: dict) -> tuple[str, list[str]]:

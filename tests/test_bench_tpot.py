@@ -10,6 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from bench_tpot import (abba_orders, bound_speedup, decode_steps, distinct_per_batch,  # noqa: E402
+                        fit_kernel_model, paired_speedup, round_pairs, slot_bound_speedup,
                         tpot_from_steps)
 
 
@@ -68,3 +69,73 @@ def test_distinct_experts_per_batch_average_over_layers_with_batches():
              2: {"distinct_experts_before": 0, "distinct_experts_after": 0, "batches": 0}}
     assert distinct_per_batch(stats) == pytest.approx((8.0, 4.5))
     assert distinct_per_batch({}) == (None, None)
+
+
+def test_paired_speedup_is_the_geometric_mean_of_the_round_ratios():
+    pairs = [(20.0, 10.0), (30.0, 30.0)]          # 2x and 1x: geometric mean sqrt(2)
+    r = paired_speedup(pairs)
+    assert r["speedup"] == pytest.approx(2 ** 0.5)
+    assert r["rounds"] == 2
+    assert r["lo"] < r["speedup"] < r["hi"]
+
+
+def test_paired_speedup_interval_narrows_with_more_rounds_and_is_a_point_without_spread():
+    few = paired_speedup([(10.0, 9.0), (10.0, 10.0), (10.0, 11.0)])
+    many = paired_speedup([(10.0, 9.0), (10.0, 10.0), (10.0, 11.0)] * 8)
+    assert many["hi"] - many["lo"] < few["hi"] - few["lo"]
+    exact = paired_speedup([(12.0, 10.0)] * 4)
+    assert exact["lo"] == pytest.approx(1.2) and exact["hi"] == pytest.approx(1.2)
+
+
+def test_paired_speedup_interval_covers_one_for_noise_and_excludes_it_for_a_steady_gain():
+    noise = paired_speedup([(10.0, 9.8), (10.0, 10.2), (10.1, 10.0), (9.9, 10.0)])
+    assert noise["lo"] < 1.0 < noise["hi"]
+    gain = paired_speedup([(10.0, 8.0), (10.2, 8.1), (9.9, 8.0), (10.1, 7.9)])
+    assert gain["lo"] > 1.2
+
+
+@pytest.mark.parametrize("pairs", [[], [(10.0, 9.0)], [(10.0, 0.0), (10.0, 9.0)], [(None, 9.0), (10.0, 9.0)]])
+def test_paired_speedup_needs_two_usable_rounds(pairs):
+    assert paired_speedup(pairs) is None
+
+
+def test_round_pairs_match_the_arms_of_the_same_round_batch_and_rule():
+    samples = [{"batch": 1, "rule": "paper", "arm": "plain", "round": 0, "tpot_ms": 10.0},
+               {"batch": 1, "rule": "paper", "arm": "S=1", "round": 0, "tpot_ms": 9.0},
+               {"batch": 1, "rule": "paper", "arm": "S=1", "round": 1, "tpot_ms": 8.0},
+               {"batch": 1, "rule": "paper", "arm": "plain", "round": 1, "tpot_ms": 11.0},
+               {"batch": 1, "rule": "paper", "arm": "plain", "round": 2, "tpot_ms": 12.0},   # no S=1 in round 2
+               {"batch": 4, "rule": "paper", "arm": "S=1", "round": 2, "tpot_ms": 1.0},
+               {"batch": 1, "rule": "error_aware", "arm": "S=1", "round": 2, "tpot_ms": 1.0}]
+    assert round_pairs(samples, 1, "S=1", "paper") == [(10.0, 9.0), (11.0, 8.0)]
+
+
+def test_kernel_model_recovers_the_per_expert_and_per_slot_costs():
+    alpha, beta, gamma = 0.2, 0.017, 0.5
+    pts = [(d, n, alpha * d + beta * n + gamma) for d, n in [(8, 8), (28, 32), (80, 128), (40, 128), (110, 256),
+                                                            (45, 256), (120, 512), (60, 512)]]
+    m = fit_kernel_model(pts)
+    assert m["alpha_ms_per_expert"] == pytest.approx(alpha)
+    assert m["beta_ms_per_slot"] == pytest.approx(beta)
+    assert m["gamma_ms"] == pytest.approx(gamma)
+    assert m["max_rel_resid"] < 1e-9 and m["points"] == 8
+
+
+def test_kernel_model_refuses_points_that_cannot_separate_the_terms():
+    few = [(8, 8, 1.0), (28, 32, 2.0), (80, 128, 3.0), (40, 128, 2.5), (110, 256, 4.0)]
+    assert fit_kernel_model(few) is None                                                    # < 6 points
+    assert fit_kernel_model(few + [(50, 256, 3.0)]) is not None
+    assert fit_kernel_model([(d, 128, 0.1 * d) for d in (40, 50, 60, 70, 80, 90)]) is None  # one slot count
+    assert fit_kernel_model([(d, 8 * d, 0.1 * d) for d in (1, 2, 4, 8, 16, 32)]) is None   # slots = 8 x experts
+
+
+def test_slot_aware_bound_is_the_plain_bound_when_all_kernel_time_is_expert_reads():
+    assert slot_bound_speedup(0.8, 1.0, 80.0, 40.0) == pytest.approx(bound_speedup(0.8, 80.0, 40.0))
+    assert slot_bound_speedup(0.8, 0.0, 80.0, 40.0) == 1.0
+
+
+def test_slot_aware_bound_keeps_the_per_slot_share_of_the_moe_time():
+    # MoE 80% of the step, 75% of it expert reads that halve: 1 / (0.2 + 0.8 * (0.25 + 0.75 * 0.5))
+    assert slot_bound_speedup(0.8, 0.75, 80.0, 40.0) == pytest.approx(1 / (0.2 + 0.8 * 0.625))
+    with pytest.raises(ValueError):
+        slot_bound_speedup(0.8, 1.5, 80.0, 40.0)
