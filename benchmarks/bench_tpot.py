@@ -480,6 +480,7 @@ def measure_cpu(args, ckpt: Path, art: Path, rule: str) -> tuple[list[dict], dic
                     if arm.endswith("+skip"):
                         ks = sere_kernel_stats(eng.llm)[0]
                         r["skipped_frac"] = ks["skipped_slots"] / ks["slots"] if ks.get("slots") else None
+                        r["zero_frac"] = ks.get("zero_slots", 0) / ks["slots"] if ks.get("slots") else None
                     samples.append(r)
                     print(f"  b={b:3d} round {rnd} {arm:6s} TPOT {fmt(r['tpot_ms'])} ms  MoE {fmt(r['moe_ms'])} ms"
                           f"  kernel {fmt(r['kernel_ms'])}  hook {fmt(r['hook_ms'], 3)}  experts "
@@ -545,7 +546,7 @@ def fmt(v, nd=2) -> str:
 def summarize(samples: list[dict], args, gpu: bool) -> tuple[list[dict], list[dict], dict, dict]:
     """(headline rows, detailed rows, hook summary, fitted kernel model per rule) from the per-run samples."""
     def med(b, arm, key, rule=None):
-        return median_or_none([s[key] for s in samples if s["batch"] == b and s["arm"] == arm
+        return median_or_none([s.get(key) for s in samples if s["batch"] == b and s["arm"] == arm
                                and (rule is None or s["rule"] == rule)])
 
     head, detail, models = [], [], {}
@@ -578,7 +579,8 @@ def summarize(samples: list[dict], args, gpu: bool) -> tuple[list[dict], list[di
                        **({k: v for k, v in rule_threshold(args, rule).items() if k != "threshold"}
                           if rule.startswith("error_aware") else {}),
                        **({"variant": "merge_duplicates + skip_zero_slots",
-                           "skipped_frac": r3(med(b, arm, "skipped_frac", rule))} if variant else {})}
+                           "skipped_frac": r3(med(b, arm, "skipped_frac", rule)),
+                           "zero_frac": r3(med(b, arm, "zero_frac", rule))} if variant else {})}
                 head.append(row)
                 detail.append({**row, "layers": args.layers, "intermediate": args.intermediate,
                                "of_bound": r3((speed - 1) / (bound - 1)) if (speed and bound and bound > 1) else None,

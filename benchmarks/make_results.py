@@ -364,7 +364,8 @@ def tpot_section(d: dict) -> tuple[str, list[str]]:
              f"Load: `{d.get('uptime_before', '?')}` before, `{d.get('uptime_after', '?')}` after."
              + (f" CPU: {cpu.get('model')}, {cpu.get('cores')} cores, AVX-512 "
                 f"{'yes' if cpu.get('avx512f') else 'no'}, AVX-512 BF16 {'yes' if cpu.get('avx512_bf16') else 'no'}."
-                if cpu else ""), ""]
+                if cpu else "") + (f" {d['note']}" if d.get("note") else ""), ""]
+    label = f" ({d['label']})" if d.get("label") else ""           # on the +skip rows' notes
     for o in d.get("other_runs", []):   # bench_tpot.py --merge: a second shape in the same file
         lines[-2] += (f" Hidden {o['model']['hidden']} rows: `{o.get('command')}` ({o.get('wall_s', '?')} s; load "
                       f"`{o.get('uptime_before', '?')}` before, `{o.get('uptime_after', '?')}` after).")
@@ -420,7 +421,7 @@ def tpot_section(d: dict) -> tuple[str, list[str]]:
             notes.append(f"vLLM-CPU batch 1{machine}, E={r['experts']} hidden {r['hidden']}, {r['rule']} rule, S={r['S']}: "
                          f"paired TPOT "
                          f"speed-up {r['speedup_paired']:.3f} (95% CI {lo:.3f}-{hi:.3f}, "
-                         f"{len(r.get('runs_plain_ms') or [])} ABBA rounds): {verdict}")
+                         f"{len(r.get('runs_plain_ms') or [])} ABBA rounds): {verdict}{label if '+skip' in r['rule'] else ''}")
     png = f"results/{d.get('benchmark', 'tpot_cpu')}.png"
     if (HERE / png).exists():
         lines += [f"![{d.get('benchmark')}]({png})", ""]
@@ -430,6 +431,35 @@ def tpot_section(d: dict) -> tuple[str, list[str]]:
                          f"{r['batch']}, {r['rule']} rule, S={r['S']}: TPOT speed-up {r['speedup']:.2f}x (bound {fmt(r['bound_speedup'], 2)}x "
                          f"at MoE share {fmt(r['moe_share'], 2)}; experts/layer {fmt(r['distinct_before'], 1)} → "
                          f"{fmt(r['distinct_after'], 1)})")
+    return "\n".join(lines), notes
+
+
+def skip_gate_section(d: dict) -> tuple[str, list[str]]:
+    """skip_gate_cpu.json (bench_skip_gate.py): when compacting weight-0 slots pays on vLLM-CPU's kernel."""
+    cpu = d.get("cpu") or {}
+    lines = ["## `skip_zero_slots`: when compacting a call pays (vLLM-CPU experts kernel)", "",
+             cmd_line(d, "python benchmarks/bench_skip_gate.py") + f" ({d.get('wall_s', '?')} s). E = {d['experts']}, "
+             f"k = {d['top_k']}, intermediate {d['intermediate']}, bf16, {d['threads']} threads, {d['repeats']} ABBA "
+             f"repeats; timed: {d.get('timed', 'arm')}. z weight-0 slots per token: *dup* = copies of the token's top "
+             "expert (merged duplicates, error-aware drops: no expert read saved), *drop* = experts nothing else "
+             f"holds. *gate* = what the served skip does (min_slots {d.get('min_slots')}: compact at max(min_slots, "
+             "tokens) weight-0 slots or when one frees an expert). "
+             f"Load: `{d.get('uptime_before', '?')}` before, `{d.get('uptime_after', '?')}` after."
+             + (f" CPU: {cpu.get('model')}, {cpu.get('cores')} cores, AVX-512 {'yes' if cpu.get('avx512f') else 'no'}."
+                if cpu else ""), ""]
+    rows = [[str(r["hidden"]), str(r["batch"]), r["kind"], str(r["zero_per_token"]), str(r["zero_slots"]),
+             "compact" if r["gated_compacts"] else "kernel", fmt(r["kernel_us"] / 1e3, 3),
+             fmt(r["always_over_kernel"], 3), fmt(r["gated_over_kernel"], 3)] for r in d["rows"]]
+    lines.append(table(["hidden", "batch", "kind", "z", "weight-0 slots", "gate", "kernel ms", "always / kernel",
+                        "gated / kernel"], rows))
+    lines.append("")
+    kept = [r for r in d["rows"] if not r["gated_compacts"]]
+    notes = []
+    if kept:
+        notes.append(f"skip_zero_slots gate (vLLM-CPU kernel): in the {len(kept)} cases it leaves to the kernel, "
+                     f"compacting would cost {min(r['always_over_kernel'] for r in kept):.3f}-"
+                     f"{max(r['always_over_kernel'] for r in kept):.3f}x the kernel, the gate "
+                     f"{min(r['gated_over_kernel'] for r in kept):.3f}-{max(r['gated_over_kernel'] for r in kept):.3f}x")
     return "\n".join(lines), notes
 
 
@@ -549,6 +579,8 @@ def main() -> int:
                 sec, n = loadtest_section(stem, d)
             elif stem.startswith("kernels") and "rows" in d:
                 sec, n = kernels_section(d)
+            elif stem.startswith("skip_gate"):
+                sec, n = skip_gate_section(d)
             elif stem.startswith("tpot"):
                 sec, n = tpot_section(d)
             elif stem == "clients_serve_tpot":

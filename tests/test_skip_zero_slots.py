@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("vllm")
 
 from sere_dist.core.config import SereConfig, SereConfigError  # noqa: E402
-from sere_dist.engine.plugin import check_skip_zero_slots, skip_zero_slots_moe  # noqa: E402
+from sere_dist.engine.plugin import SKIP_MIN_SLOTS, check_skip_zero_slots, skip_zero_slots_moe  # noqa: E402
 
 E, K, INTER, H = 16, 4, 64, 128
 
@@ -45,7 +45,7 @@ def _expert_out(x, ids, w13, w2):
 
 
 def _stats():
-    return {"calls": 0, "compacted_calls": 0, "slots": 0, "skipped_slots": 0}
+    return {"calls": 0, "compacted_calls": 0, "slots": 0, "zero_slots": 0, "skipped_slots": 0}
 
 
 def test_the_skip_matches_the_kernel_to_the_last_bf16_bit_and_counts_what_it_skipped(kernel):
@@ -57,14 +57,15 @@ def test_the_skip_matches_the_kernel_to_the_last_bf16_bit_and_counts_what_it_ski
         w[0] = 0                                                       # a token with no slot left
         ref, got, st = torch.empty_like(x), torch.empty_like(x), _stats()
         fused(ref, x, w13p, w2p, None, None, w, ids, "silu", "vec")
-        skip_zero_slots_moe(fused, got, x, w13p, w2p, None, None, w, ids, "silu", "vec", False, st)
+        skip_zero_slots_moe(fused, got, x, w13p, w2p, None, None, w, ids, "silu", "vec", False, st, min_slots=0)
         # each kept slot's output is rounded to bf16 (relative error <= 2^-9) before the float32 sum, so
         # the two differ by at most a few 2^-9 of the summed slot magnitudes; a slot computed wrongly or
         # lost would be off by a whole term
         mag = (w[..., None] * _expert_out(x, ids, w13, w2).abs()).sum(1)
         assert ((got.float() - ref.float()).abs() <= 2.0 ** -7 * mag + 2.0 ** -9 * ref.float().abs() + 1e-6).all(), t
         assert torch.equal(got[0], torch.zeros_like(got[0]))
-        assert st == {"calls": 1, "compacted_calls": 1, "slots": t * K, "skipped_slots": int((w == 0).sum())}
+        zero = int((w == 0).sum())
+        assert st == {"calls": 1, "compacted_calls": 1, "slots": t * K, "zero_slots": zero, "skipped_slots": zero}
 
 
 def test_without_weight_0_slots_the_kernel_runs_unchanged_bit_for_bit(kernel):
@@ -98,6 +99,57 @@ def test_a_skipped_slot_is_not_computed_at_all(kernel):
     assert torch.isfinite(ref[1::2]).all()                             # tokens without one are finite ...
     mag = (w[..., None] * _expert_out(x, ids, w13, w2).abs()).sum(1)[1::2]
     assert ((got[1::2].float() - ref[1::2].float()).abs() <= 2.0 ** -7 * mag + 1e-6).all()   # ... and agree
+
+
+def _dup_case(g, t, z, tokens=None):
+    """T tokens; the first `tokens` (all by default) have their last z slots a weight-0 copy of their top
+    expert (what merge_duplicates leaves, and what the error-aware rule's drops look like)."""
+    x, ids, w = _case(g, t, 0.0)
+    n = t if tokens is None else tokens
+    ids[:n, K - z:] = ids[:n, :1]
+    w[:n, K - z:] = 0
+    return x, ids.contiguous(), w
+
+
+@pytest.mark.parametrize("t,tokens", [(1, 1), (3, 2), (80, 3)])   # 80 * 4 slots: past the list path
+def test_a_few_merged_duplicates_are_computed_and_counted_as_not_skipped(kernel, t, tokens):
+    """Fewer weight-0 slots than max(SKIP_MIN_SLOTS, tokens), all on experts other slots read: skipping
+    would save no weight read, so the kernel runs on the batch unchanged, bit for bit."""
+    fused, prepack, w13, w2 = kernel
+    w13p, w2p = prepack(w13, "vec"), prepack(w2, "vec")
+    x, ids, w = _dup_case(torch.Generator().manual_seed(4), t, 1, tokens)
+    ref, got, st = torch.empty_like(x), torch.empty_like(x), _stats()
+    fused(ref, x, w13p, w2p, None, None, w, ids, "silu", "vec")
+    skip_zero_slots_moe(fused, got, x, w13p, w2p, None, None, w, ids, "silu", "vec", False, st)
+    assert tokens < max(SKIP_MIN_SLOTS, t)
+    assert torch.equal(got, ref)
+    assert st == {"calls": 1, "compacted_calls": 0, "slots": t * K, "zero_slots": tokens, "skipped_slots": 0}
+
+
+@pytest.mark.parametrize("t", [1, 80])
+def test_one_weight_0_slot_that_frees_an_expert_is_skipped(kernel, t):
+    """A single weight-0 slot whose expert no other slot holds: skipping it saves that expert's read."""
+    fused, prepack, w13, w2 = kernel
+    w13p, w2p = prepack(w13, "vec"), prepack(w2, "vec")
+    x, ids, w = _case(torch.Generator().manual_seed(5), t, 0.0)
+    ids = torch.where(ids == 0, torch.ones_like(ids), ids)
+    ids[0, K - 1], w[0, K - 1] = 0, 0                  # expert 0: only this slot, with weight 0
+    ids = ids.contiguous()
+    got, st = torch.empty_like(x), _stats()
+    skip_zero_slots_moe(fused, got, x, w13p, w2p, None, None, w, ids, "silu", "vec", False, st)
+    assert st == {"calls": 1, "compacted_calls": 1, "slots": t * K, "zero_slots": 1, "skipped_slots": 1}
+
+
+@pytest.mark.parametrize("t,z", [(2, 2), (3, 2), (16, 1), (80, 1)])
+def test_enough_merged_duplicates_are_skipped(kernel, t, z):
+    """At least max(SKIP_MIN_SLOTS, tokens) weight-0 duplicates: their compute outweighs compacting."""
+    fused, prepack, w13, w2 = kernel
+    w13p, w2p = prepack(w13, "vec"), prepack(w2, "vec")
+    x, ids, w = _dup_case(torch.Generator().manual_seed(6), t, z)
+    st = _stats()
+    skip_zero_slots_moe(fused, torch.empty_like(x), x, w13p, w2p, None, None, w, ids, "silu", "vec", False, st)
+    assert t * z >= max(SKIP_MIN_SLOTS, t)
+    assert st == {"calls": 1, "compacted_calls": 1, "slots": t * K, "zero_slots": t * z, "skipped_slots": t * z}
 
 
 def test_the_skip_is_refused_where_it_would_do_nothing():

@@ -242,7 +242,8 @@ class SereConfig(StrictModel):
         (merged duplicates, dropped slots of the error-aware modes, the slots top_s zeroes, the non-local
         slots of CPU expert parallelism); it gets those (token, slot) pairs as one slot each and their
         outputs are summed per token in float32. A batch without weight-0 slots takes the kernel as it
-        is, bit for bit. With weight-0 slots each slot's output is rounded to the model dtype before the
+        is, bit for bit, and so does one with fewer than max(4, tokens) weight-0 slots all on experts
+        the batch reads anyway (compacting them would cost more than their compute). With weight-0 slots each slot's output is rounded to the model dtype before the
         sum, so results differ from the unskipped kernel in the last bf16 bit. Off by default.
     count_every: counters (distinct experts before/after, re-routed slots, batches, tokens) are
         updated on every Nth forward step; 1 = every step, 0 = off (the hook then does no counting).

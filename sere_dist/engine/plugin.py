@@ -264,7 +264,7 @@ def _install_skip_zero_slots() -> None:
             return
         _state["skip_installed"] = True
         _state["skip_on"] = True
-        _state["kernel_stats"] = {"calls": 0, "compacted_calls": 0, "slots": 0, "skipped_slots": 0}
+        _state["kernel_stats"] = {"calls": 0, "compacted_calls": 0, "slots": 0, "zero_slots": 0, "skipped_slots": 0}
         kernel = cpu_moe.cpu_fused_moe
         op = _register_skip_op(kernel)
 
@@ -298,27 +298,42 @@ def _register_skip_op(kernel):
     return cpu_fused_moe_skip_zero
 
 
+# Compacting costs a few torch ops per call and the one-slot tokens' gather and sum (0.1-0.25 ms at batch
+# 1-4 on a 2-core EPYC, growing with the batch); a weight-0 slot whose expert another slot of the batch
+# reads anyway (a merged duplicate, a slot the error-aware rule drops) saves only its own compute, about
+# 0.08 ms at hidden 2048, intermediate 768. Measured with benchmarks/bench_skip_gate.py, compacting such
+# slots pays from about one per token and at least 4 in the call; below that a call compacts only when it
+# stops the kernel reading some expert at all (a dropped slot's own expert, a non-local slot's id 0).
+SKIP_MIN_SLOTS = 4
+_LIST_SLOTS = 256          # up to this many slots the decision reads weights and ids as Python lists
+
+
 def skip_zero_slots_moe(kernel, out, x, w13, w2, w13_bias, w2_bias, weights, ids, act, isa, skip_weighted,
-                        stats=None) -> None:
+                        stats=None, min_slots: int = SKIP_MIN_SLOTS) -> None:
     """out[t] = sum over token t's slots j with weights[t, j] != 0 of weights[t, j] * expert_{ids[t, j]}(x[t]),
     computing only those slots: the kept (token, slot) pairs go to `kernel` (vLLM-CPU's cpu_fused_moe
-    signature) as P one-slot tokens, their outputs are summed per token in float32. Without weight-0 slots
-    (or with one slot per token) the kernel runs on the batch unchanged."""
+    signature) as P one-slot tokens, their outputs are summed per token in float32. The kernel runs on the
+    batch unchanged (computing the weight-0 slots and adding 0 times their output) where skipping cannot
+    pay: no weight-0 slot, one slot per token, or fewer weight-0 slots than max(min_slots, tokens) whose
+    experts other slots of the batch read anyway (so skipping them saves no weight read). min_slots = 0
+    compacts every call that has a weight-0 slot."""
     t, k = ids.shape
-    keep = weights != 0
-    kept = int(keep.sum())
-    compact = k > 1 and not skip_weighted and kept < t * k
+    need = max(min_slots, t) if min_slots > 0 else 1
+    zero, frees = _weight0_slots(weights, ids, need)
+    compact = k > 1 and not skip_weighted and zero > 0 and (zero >= need or frees)
     if stats is not None:
         stats["calls"] += 1
         stats["slots"] += t * k
-        stats["skipped_slots"] += t * k - kept if compact else 0
+        stats["zero_slots"] += zero
+        stats["skipped_slots"] += zero if compact else 0
         stats["compacted_calls"] += int(compact)
     if not compact:
         kernel(out, x, w13, w2, w13_bias, w2_bias, weights, ids, act, isa, skip_weighted)
         return
-    if kept == 0:
+    if zero == t * k:
         out.zero_()
         return
+    keep = weights != 0
     tok, slot = keep.nonzero(as_tuple=True)
     xs = x.index_select(0, tok)
     part = torch.empty_like(xs)
@@ -327,6 +342,26 @@ def skip_zero_slots_moe(kernel, out, x, w13, w2, w13_bias, w2_bias, weights, ids
     acc = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
     acc.index_add_(0, tok, part.float())
     out.copy_(acc)
+
+
+def _weight0_slots(weights: torch.Tensor, ids: torch.Tensor, need: int) -> tuple[int, bool]:
+    """(how many slots have weight 0, whether some expert is held only by such slots). The second is worked
+    out only when it decides (0 < weight-0 slots < need; False otherwise). Small batches are read as
+    Python lists: one copy per tensor costs less than the torch ops of the general path."""
+    n = weights.numel()
+    if n <= _LIST_SLOTS:
+        w = weights.reshape(-1).tolist()
+        zero = w.count(0.0)
+        if not 0 < zero < need:
+            return zero, False
+        held = ids.reshape(-1).tolist()
+        kept = {e for e, v in zip(held, w) if v != 0}
+        return zero, any(e not in kept for e, v in zip(held, w) if v == 0)
+    zero = n - int(torch.count_nonzero(weights))
+    if not 0 < zero < need:
+        return zero, False
+    keep = weights != 0
+    return zero, not bool(torch.isin(ids[~keep], ids[keep]).all())
 
 
 def _monolithic_kernel(runner) -> str | None:

@@ -27,8 +27,10 @@ HELP = {"distinct_experts_before": "Distinct experts used per MoE layer before S
         "tokens": "Tokens eligible for re-routing"}
 
 
-KERNEL_COUNTERS = ("slots", "skipped_slots", "calls", "compacted_calls")
+KERNEL_COUNTERS = ("slots", "zero_slots", "skipped_slots", "calls", "compacted_calls")
 KERNEL_HELP = {"slots": "Top-k slots the MoE experts kernel was given (sere.skip_zero_slots on), summed over ranks",
+               "zero_slots": "Of those, slots with weight 0 (computed anyway in calls where skipping them "
+                             "would not pay), summed over ranks",
                "skipped_slots": "Weight-0 slots the MoE experts kernel did not compute (sere.skip_zero_slots), "
                                 "summed over ranks",
                "calls": "MoE experts kernel calls under sere.skip_zero_slots, summed over ranks",

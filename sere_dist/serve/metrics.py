@@ -13,8 +13,8 @@ layer:
 and, with `sere.skip_zero_slots` on, per model summed over the workers (under expert parallelism each
 rank skips the slots of the experts it does not hold):
 
-    ray_sere_kernel_slots_total, ray_sere_kernel_skipped_slots_total, ray_sere_kernel_calls_total,
-    ray_sere_kernel_compacted_calls_total
+    ray_sere_kernel_slots_total, ray_sere_kernel_zero_slots_total, ray_sere_kernel_skipped_slots_total,
+    ray_sere_kernel_calls_total, ray_sere_kernel_compacted_calls_total
 """
 
 from __future__ import annotations
