@@ -185,15 +185,18 @@ def test_every_ranks_kernel_counters_are_summed_and_layer_counters_counted_once(
     layer = {"distinct_experts_before": 10, "distinct_experts_after": 6, "rerouted_slots": 4, "batches": 2,
              "tokens": 3}
     (tmp_path / "dp0.json").write_text(json.dumps(
-        {"pid": 1, "layers": {"0": layer}, "kernel": {"slots": 40, "skipped_slots": 18, "calls": 5,
-                                                      "compacted_calls": 4}}))
+        {"pid": 1, "layers": {"0": layer}, "kernel": {"slots": 40, "zero_slots": 20, "skipped_slots": 18,
+                                                      "calls": 5, "compacted_calls": 4}}))
     (tmp_path / "dp0-tp1.json").write_text(json.dumps(
-        {"pid": 2, "layers": {}, "kernel": {"slots": 40, "skipped_slots": 22, "calls": 5, "compacted_calls": 5}}))
+        {"pid": 2, "layers": {}, "kernel": {"slots": 40, "zero_slots": 22, "skipped_slots": 22, "calls": 5,
+                                            "compacted_calls": 5}}))
     (tmp_path / "dp1.json").write_text(json.dumps({"pid": 3, "layers": {"0": layer}}))    # skip off: no kernel
     assert read_stats_dir(tmp_path)[0]["rerouted_slots"] == 8                            # dp0 + dp1, not tp1
-    assert read_kernel_stats_dir(tmp_path) == {"slots": 80, "skipped_slots": 40, "calls": 10, "compacted_calls": 9}
+    assert read_kernel_stats_dir(tmp_path) == {"slots": 80, "zero_slots": 42, "skipped_slots": 40, "calls": 10,
+                                               "compacted_calls": 9}
     registry = CollectorRegistry()
     register_prometheus(str(tmp_path), registry)
     text = generate_latest(registry).decode()
     assert "sere_kernel_skipped_slots_total 40.0" in text
+    assert "sere_kernel_zero_slots_total 42.0" in text
     assert 'sere_rerouted_slots_total{layer="0"} 8.0' in text
