@@ -17,7 +17,8 @@ shape (bf16 weights prepacked as vLLM does, isa "vec"):
 
 Cases: a decode batch of T tokens with `z` weight-0 slots each, either duplicates of the token's top
 expert ("dup": what merge_duplicates leaves, and what the error-aware rule's drops look like) or slots
-whose expert nobody else reads ("drop": top_s, non-local slots under CPU expert parallelism). Each timed
+whose expert nobody else reads ("drop": top_s, non-local slots under CPU expert parallelism; only
+where T * k <= E, so every slot can hold its own expert). Each timed
 call runs the layer's router first (fp32 GEMM, softmax, top-k; timed with it, the same in every arm), as
 in a decode step: back to back on a warm cache, the kernel alone would hide what a few small torch ops
 cost right after the previous kernel (several times their warm-cache time). Each measurement is the
@@ -33,7 +34,6 @@ import datetime as dt
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,17 +41,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_tpot import cpu_info  # noqa: E402
+from bench_tpot import cpu_info, uptime  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ARMS = ("kernel", "always", "gated")
-
-
-def _uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "?"
 
 
 def case(t: int, e: int, k: int, z: int, kind: str, gen: torch.Generator):
@@ -93,16 +86,13 @@ def main() -> int:
         from vllm._custom_ops import cpu_fused_moe, cpu_prepack_moe_weight
 
         from sere_dist.engine.plugin import SKIP_MIN_SLOTS, skip_zero_slots_moe
+        from sere_dist.engine.stats import KERNEL_COUNTERS
+        from tqdm import tqdm
     except Exception as exc:  # noqa: BLE001
         print(f"vLLM's CPU kernels are not importable here: {exc}", file=sys.stderr)
         return 2
-    try:
-        from tqdm import tqdm
-    except ImportError:                      # tqdm ships with vLLM; plain loop without it
-        def tqdm(it, **_):
-            return it
     torch.set_num_threads(args.threads)
-    up_before = _uptime()
+    up_before = uptime()
     gen = torch.Generator().manual_seed(0)
     e, k, inter = args.experts, args.top_k, args.intermediate
     cases = [(h, t, z, kind) for h in args.hidden for t in args.batch for z in args.zeros
@@ -121,7 +111,7 @@ def main() -> int:
         out = torch.empty_like(x)
         ids, w = case(t, e, k, z, kind, gen)
         wr = torch.randn(h, e, generator=gen)
-        st = {"calls": 0, "compacted_calls": 0, "slots": 0, "zero_slots": 0, "skipped_slots": 0}
+        st = dict.fromkeys(KERNEL_COUNTERS, 0)
         skip_zero_slots_moe(cpu_fused_moe, out, x, w13, w2, None, None, w, ids, "silu", "vec", False, st)
 
         def call(arm):
@@ -149,7 +139,7 @@ def main() -> int:
                      **{f"{a}_us": round(med[a], 1) for a in ARMS},
                      "always_over_kernel": round(med["always"] / med["kernel"], 3),
                      "gated_over_kernel": round(med["gated"] / med["kernel"], 3)})
-    up_after = _uptime()
+    up_after = uptime()
     print(f"\nmin_slots = {SKIP_MIN_SLOTS}; medians over {args.repeats} ABBA repeats, {args.threads} threads")
     print(f"{'H':>5} {'T':>3} {'kind':>4} {'z':>2} {'zero':>4} {'gate':>7} {'kernel us':>10} "
           f"{'always/kernel':>13} {'gated/kernel':>12}")

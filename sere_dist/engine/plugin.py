@@ -52,7 +52,7 @@ from sere_dist.core import native
 from sere_dist.core.config import SereConfig, SereConfigError
 from sere_dist.core.native import route_fast
 from sere_dist.core.reroute import COUNTS
-from sere_dist.engine.stats import COUNTERS, STATS_ENV, register_prometheus, start_writer
+from sere_dist.engine.stats import COUNTERS, KERNEL_COUNTERS, STATS_ENV, register_prometheus, start_writer
 
 log = logging.getLogger("sere_dist")
 assert COUNTS == COUNTERS, "core.reroute.COUNTS and engine.stats.COUNTERS must list the counters in one order"
@@ -264,7 +264,7 @@ def _install_skip_zero_slots() -> None:
             return
         _state["skip_installed"] = True
         _state["skip_on"] = True
-        _state["kernel_stats"] = {"calls": 0, "compacted_calls": 0, "slots": 0, "zero_slots": 0, "skipped_slots": 0}
+        _state["kernel_stats"] = dict.fromkeys(KERNEL_COUNTERS, 0)
         kernel = cpu_moe.cpu_fused_moe
         op = _register_skip_op(kernel)
 
