@@ -86,7 +86,7 @@ def main() -> int:
     if any(d > args.top_k - 2 for d in args.drops):
         ap.error(f"--drops must be <= top-k - 2 = {args.top_k - 2} (S = 2 primaries per token)")
     try:
-        import vllm._custom_ops as ops  # noqa: F401  registers torch.ops._C
+        import vllm._custom_ops  # noqa: F401  registers torch.ops._C
         from vllm._custom_ops import cpu_fused_moe, cpu_prepack_moe_weight
 
         from sere_dist.engine.plugin import skip_zero_slots_moe

@@ -45,7 +45,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from sere_dist.calibration.capture import load_model, moe_blocks, tokenize_texts

@@ -13,7 +13,7 @@ from sere_dist.calibration.corpus import split_corpus, stdlib_documents
 from sere_dist.calibration.diagnostics import (DIAGNOSTICS_JSON, ROUTED_STATS, diagnose, diagnostics,
                                                load_routed_stats, row_values, spearman)
 from sere_dist.calibration.pipeline import (CalibrationJob, CaptureStage, ExpertGramStage, _reduce,
-                                            calibrate_in_process, prepare, run)
+                                            calibrate_in_process, prepare)
 from sere_dist.core.model import model_fingerprint
 from sere_dist.core.similarity import RoutedAccumulator, scaled_substitution_error, substitution_error
 from sere_dist.models.tiny import TinySpec, build_model, write_checkpoint

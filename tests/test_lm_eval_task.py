@@ -3,7 +3,6 @@ lm_eval's own TaskManager, its rows are what build_rows.py writes, and its metri
 generations exactly. No endpoint."""
 
 import importlib.util
-import json
 import sys
 from pathlib import Path
 

@@ -113,7 +113,6 @@ class RoutingPatch:
                 raise ValueError(f"forward batch of {b} sequences is not a multiple of group_size={t}")
             w_sorted, order = w.float().sort(dim=-1, descending=True, stable=True)
             ids_sorted = ids.gather(-1, order)
-            k = ids.shape[-1]
 
             def group(x):                          # [b*l, ...] -> [b/t * l, t, ...]: one group per (batch, position)
                 rest = x.shape[1:]
