@@ -34,6 +34,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vllm_cpu_moe import abba_medians, kernel_ops, prepacked_experts  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 ARMS = ("dropped_w0", "moved", "skipped", "skip_zero")
 
@@ -86,8 +89,7 @@ def main() -> int:
     if any(d > args.top_k - 2 for d in args.drops):
         ap.error(f"--drops must be <= top-k - 2 = {args.top_k - 2} (S = 2 primaries per token)")
     try:
-        import vllm._custom_ops  # noqa: F401  registers torch.ops._C
-        from vllm._custom_ops import cpu_fused_moe, cpu_prepack_moe_weight
+        cpu_fused_moe, cpu_prepack_moe_weight = kernel_ops()
 
         from sere_dist.engine.plugin import skip_zero_slots_moe
     except Exception as exc:  # noqa: BLE001
@@ -100,8 +102,7 @@ def main() -> int:
     rows = []
     t_start = time.time()
     for h in args.hidden:
-        w13 = cpu_prepack_moe_weight((torch.randn(e, 2 * inter, h) * 0.02).to(torch.bfloat16), "vec")
-        w2 = cpu_prepack_moe_weight((torch.randn(e, h, inter) * 0.02).to(torch.bfloat16), "vec")
+        w13, w2 = prepacked_experts(cpu_prepack_moe_weight, e, inter, h)
         for t in args.batch:
             x = (torch.randn(t, h) * 0.5).to(torch.bfloat16)
             out = torch.empty_like(x)
@@ -121,13 +122,7 @@ def main() -> int:
                         times.append(time.perf_counter() - t0)
                     return statistics.median(times) * 1e6
 
-                for arm in ARMS:
-                    call(arm)                                          # warm-up
-                res = {a: [] for a in ARMS}
-                for _ in range(args.repeats):
-                    for arm in ARMS + ARMS[::-1]:
-                        res[arm].append(call(arm))
-                med = {a: statistics.median(v) for a, v in res.items()}
+                med = abba_medians(call, ARMS, args.repeats)
                 distinct = len(torch.unique(arms["moved"][0]))
                 row = {"hidden": h, "batch": t, "dropped_per_token": d, "distinct_experts": distinct,
                        **{f"{a}_us": round(med[a], 1) for a in ARMS},

@@ -11,8 +11,9 @@ runner), in two arms interleaved ABBA per repeat:
   route_fast: the path of every call before `RoutePlan` (per-call input checks, a [:T] slice of the mask)
   plan:       the layer's `core.native.RoutePlan`, bound on the first call
 Both arms must return the same ids, weights and counters (checked per case). Also timed, alone: the
-token-mask fill that runs once per forward (`_fill_token_mask`, a pure-decode batch). Shape: E = 128,
-k = 8, S = 2, rho = 0.3, bf16 weights and int32 ids (vLLM-CPU's router), T in {1, 16, 64}; rules paper
+token-mask fill that runs once per forward (`_fill_token_mask`, a pure-decode batch). Batches and shape
+as bench_hook.py (E = 128, k = 8, S = 2, rho = 0.3, T in {1, 16, 64}; its skewed router and symmetric
+similarity), with bf16 weights and int32 ids as vLLM-CPU's router gives them; rules paper
 and error_aware (unmatched drop). Two torch threads, as the benchmarks' worker. Medians of per-repeat
 medians; the ratio column is the median of the per-repeat route_fast / plan ratios.
 """
@@ -34,21 +35,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_hook import RHO, TOKENS, S  # noqa: E402
+from bench_hook import batch as router_batch  # noqa: E402
 from bench_tpot import cpu_info, uptime  # noqa: E402
 
 from sere_dist.core import native  # noqa: E402
 
-E, K, S, RHO = 128, 8, 2, 0.3
-TOKENS = (1, 16, 64)
 FLUSH_MB = 48
 
 
-def layer(rule: str, mask: torch.Tensor) -> torch.nn.Module:
+def layer(rule: str, sim: torch.Tensor, mask: torch.Tensor) -> torch.nn.Module:
     """A module with the attributes and buffers `engine.plugin._configure` gives a MoE runner."""
-    g = torch.Generator().manual_seed(0)
-    sim = torch.rand(E, E, generator=g)
-    sim = (sim + sim.t()) / 2
-    sim.fill_diagonal_(1.0)
     r = torch.nn.Module()
     r._sere_s, r._sere_rho, r._sere_rule, r._sere_merge = S, RHO, "paper", True
     r._sere_unmatched = "drop" if rule == "error_aware" else "keep"
@@ -58,13 +55,6 @@ def layer(rule: str, mask: torch.Tensor) -> torch.nn.Module:
     r.register_buffer("_sere_counts", torch.zeros(5, dtype=torch.int64))
     r.register_buffer("_sere_token_mask", mask)
     return r
-
-
-def router_batch(t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(t, E, generator=g) - torch.linspace(0, 4, E)
-    w, ids = torch.softmax(logits, -1).topk(K, dim=-1)
-    return w.to(torch.bfloat16), ids.to(torch.int32)
 
 
 def cold_median(fn, flush: torch.Tensor, calls: int) -> float:
@@ -98,8 +88,9 @@ def main() -> int:
     rows = []
     for rule in ("paper", "error_aware"):
         for t in TOKENS:
-            r = layer(rule, mask)
-            w, ids = router_batch(t, seed=t)
+            ids, w, sim, _ = router_batch(t, seed=t)         # bench_hook's batch, bf16 weights as vLLM-CPU's
+            w = w.to(torch.bfloat16)
+            r = layer(rule, sim, mask)
             want = plugin._sere(r, w, ids)                   # the first call binds the plan
             plan = r.__dict__.get("_sere_plan")
             if plan is None:
@@ -123,7 +114,7 @@ def main() -> int:
                 print(f"{rule} T={t}: counters differ {counts}", file=sys.stderr)
                 return 1
             ratios = [x / y for x, y in zip(samples["route_fast"], samples["plan"])]
-            rows.append({"rule": rule, "T": t, "E": E, "k": K, "S": S, "rho": RHO,
+            rows.append({"rule": rule, "T": t, "E": sim.shape[0], "k": ids.shape[1], "S": S, "rho": RHO,
                          "route_fast_us": round(statistics.median(samples["route_fast"]), 1),
                          "plan_us": round(statistics.median(samples["plan"]), 1),
                          "ratio": round(statistics.median(ratios), 2),
@@ -146,7 +137,7 @@ def main() -> int:
         fills.append({"batch": b, "fill_us": round(statistics.median(med), 1)})
     up_after = uptime()
     print(f"eager hook per MoE layer call with cold caches, us (median of {a.repeats} ABBA repeats x {a.calls} "
-          f"calls, 2 threads; E={E} k={K} S={S} rho={RHO})")
+          f"calls, 2 threads; E={rows[0]['E']} k={rows[0]['k']} S={S} rho={RHO})")
     print(f"{'rule':>12} {'T':>4} {'route_fast':>11} {'plan':>8} {'ratio':>6}")
     for r in rows:
         print(f"{r['rule']:>12} {r['T']:>4} {r['route_fast_us']:>11.1f} {r['plan_us']:>8.1f} {r['ratio']:>6.2f}")

@@ -42,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_tpot import cpu_info, uptime  # noqa: E402
+from vllm_cpu_moe import abba_medians, kernel_ops, prepacked_experts  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ARMS = ("kernel", "always", "gated")
@@ -82,8 +83,7 @@ def main() -> int:
     if any(z >= args.top_k for z in args.zeros):
         ap.error(f"--zeros must be < top-k = {args.top_k}")
     try:
-        import vllm._custom_ops  # noqa: F401  registers torch.ops._C
-        from vllm._custom_ops import cpu_fused_moe, cpu_prepack_moe_weight
+        cpu_fused_moe, cpu_prepack_moe_weight = kernel_ops()
 
         from sere_dist.engine.plugin import SKIP_MIN_SLOTS, skip_zero_slots_moe
         from sere_dist.engine.stats import KERNEL_COUNTERS
@@ -102,10 +102,7 @@ def main() -> int:
     for h, t, z, kind in tqdm(cases, desc="cases", unit="case"):
         if h not in weights:
             weights.clear()
-            weights[h] = (cpu_prepack_moe_weight((torch.randn(e, 2 * inter, h, generator=gen) * 0.02)
-                                                 .to(torch.bfloat16), "vec"),
-                          cpu_prepack_moe_weight((torch.randn(e, h, inter, generator=gen) * 0.02)
-                                                 .to(torch.bfloat16), "vec"))
+            weights[h] = prepacked_experts(cpu_prepack_moe_weight, e, inter, h, gen)
         w13, w2 = weights[h]
         x = (torch.randn(t, h, generator=gen) * 0.5).to(torch.bfloat16)
         out = torch.empty_like(x)
@@ -127,13 +124,7 @@ def main() -> int:
                 times.append(time.perf_counter() - t0)
             return statistics.median(times) * 1e6
 
-        for arm in ARMS:
-            call(arm)                                              # warm-up
-        res = {a: [] for a in ARMS}
-        for _ in range(args.repeats):
-            for arm in ARMS + ARMS[::-1]:
-                res[arm].append(call(arm))
-        med = {a: statistics.median(v) for a, v in res.items()}
+        med = abba_medians(call, ARMS, args.repeats)
         rows.append({"hidden": h, "batch": t, "kind": kind, "zero_per_token": z, "zero_slots": t * z,
                      "gated_compacts": bool(st["compacted_calls"]),
                      **{f"{a}_us": round(med[a], 1) for a in ARMS},

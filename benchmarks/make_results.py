@@ -210,13 +210,7 @@ def headline(results: dict[str, dict]) -> dict:
     b1 = batch1_headline(results)
     if b1:
         out["tpot_cpu_batch1"] = b1
-    hooks = [{"file": f"{stem}.json", "cpu": (d.get("cpu") or {}).get("model"),
-              "avx512": (d.get("cpu") or {}).get("avx512f"), "hidden": (d.get("model") or {}).get("hidden"),
-              "overhead_direct": d["hook_batch1"].get("overhead_direct"), "plain_ms": d["hook_batch1"].get("plain_ms"),
-              **({"label": d["label"]} if d.get("label") and d.get("label_all") else {})}
-             for stem, d in sorted(results.items())
-             if stem.startswith("tpot_cpu") and isinstance(d.get("hook_batch1"), dict)
-             and d["hook_batch1"].get("overhead_direct") is not None]
+    hooks = hook_runs_headline(results)
     if hooks:
         out["hook_overhead_batch1_runs"] = hooks
     return out
@@ -389,6 +383,21 @@ def batch1_headline(results: dict[str, dict]) -> list[dict]:
     return out
 
 
+def hook_runs_headline(results: dict[str, dict]) -> list[dict]:
+    """headline.json `hook_overhead_batch1_runs`: the batch-1 hook cost of every vLLM-CPU TPOT run that measured it."""
+    out = []
+    for stem, d in sorted(results.items()):
+        hook = d.get("hook_batch1")
+        if not stem.startswith("tpot_cpu") or not isinstance(hook, dict) or hook.get("overhead_direct") is None:
+            continue
+        cpu = d.get("cpu") or {}
+        out.append({"file": f"{stem}.json", "cpu": cpu.get("model"), "avx512": cpu.get("avx512f"),
+                    "hidden": (d.get("model") or {}).get("hidden"), "overhead_direct": hook["overhead_direct"],
+                    "plain_ms": hook.get("plain_ms"),
+                    **({"label": d["label"]} if d.get("label") and d.get("label_all") else {})})
+    return out
+
+
 def tpot_section(d: dict) -> tuple[str, list[str]]:
     """tpot_cpu.json / tpot_gpu.json (bench_tpot.py) and tpot_threads.json (bench_tpot.py --compare-binds)."""
     if d.get("benchmark") == "tpot_threads":
@@ -411,14 +420,14 @@ def tpot_section(d: dict) -> tuple[str, list[str]]:
              f"{d['tokens']} tokens per run, ABBA over {d['repeats']} rounds, medians. TPOT: {d.get('tpot')}. "
              "MoE share = MoE-layer time per step (measured inside the worker) / plain TPOT; bound = "
              "1 / ((1 - share) + share x after / before); *of bound* = (speed-up - 1) / (bound - 1). "
-             f"Load: `{d.get('uptime_before', '?')}` before, `{d.get('uptime_after', '?')}` after."
+             f"Load: {load_text(d)}."
              + (f" CPU: {cpu.get('model')}, {cpu.get('cores')} cores, AVX-512 "
                 f"{'yes' if cpu.get('avx512f') else 'no'}, AVX-512 BF16 {'yes' if cpu.get('avx512_bf16') else 'no'}."
                 if cpu else "") + (f" {d['note']}" if d.get("note") else ""), ""]
     label = f" ({d['label']})" if d.get("label") else ""           # on the labelled rows' notes
     for o in d.get("other_runs", []):   # bench_tpot.py --merge: a second shape in the same file
         lines[-2] += (f" Hidden {o['model']['hidden']} rows: `{o.get('command')}` ({o.get('wall_s', '?')} s; load "
-                      f"`{o.get('uptime_before', '?')}` before, `{o.get('uptime_after', '?')}` after).")
+                      f"{load_text(o)}).")
     paired = any(r.get("speedup_ci95") for r in d["rows"])
     slotted = any(r.get("slot_bound_speedup") for r in d["rows"])
     rows = [[str(r["hidden"]), str(r["batch"]), r["rule"], str(r["S"]), fmt(r["plain_ms"], 2), fmt(r["sere_ms"], 2),
@@ -492,7 +501,7 @@ def skip_gate_section(d: dict) -> tuple[str, list[str]]:
              "expert (merged duplicates, error-aware drops: no expert read saved), *drop* = experts nothing else "
              f"holds. *gate* = what the served skip does (min_slots {d.get('min_slots')}: compact at max(min_slots, "
              "tokens) weight-0 slots or when one frees an expert). "
-             f"Load: `{d.get('uptime_before', '?')}` before, `{d.get('uptime_after', '?')}` after."
+             f"Load: {load_text(d)}."
              + (f" CPU: {cpu.get('model')}, {cpu.get('cores')} cores, AVX-512 {'yes' if cpu.get('avx512f') else 'no'}."
                 if cpu else ""), ""]
     rows = [[str(r["hidden"]), str(r["batch"]), r["kind"], str(r["zero_per_token"]), str(r["zero_slots"]),
@@ -511,6 +520,11 @@ def skip_gate_section(d: dict) -> tuple[str, list[str]]:
     return "\n".join(lines), notes
 
 
+def load_text(d: dict) -> str:
+    """"`uptime` before, `uptime` after" of a benchmark run, as the sections quote it."""
+    return f"`{d.get('uptime_before', '?')}` before, `{d.get('uptime_after', '?')}` after"
+
+
 def ci_cell(r: dict) -> str:
     """'1.006 [0.983, 1.029]' from a bench_tpot row's paired estimate, '–' without one."""
     ci = r.get("speedup_ci95")
@@ -525,7 +539,7 @@ def tpot_threads_section(d: dict) -> tuple[str, list[str]]:
              cmd_line(d, "python benchmarks/bench_tpot.py --compare-binds auto,0-1,nobind") + f". Model: "
              f"E={m.get('experts')}, hidden {m.get('hidden')}, {m.get('layers')} layers; one engine per binding "
              f"(`VLLM_CPU_OMP_THREADS_BIND`), plain and SERE arms ABBA inside it. {d.get('note', '')}. Load: "
-             f"`{d.get('uptime_before', '?')}` before, `{d.get('uptime_after', '?')}` after.", ""]
+             f"{load_text(d)}.", ""]
     rows = [[r["bind"], str(r.get("batch", "–")), str(r.get("S", "–")),
              f"{r.get('worker_threads')} / {r.get('worker_affinity')}", fmt(r.get("plain_ms"), 2),
              fmt(r.get("sere_ms"), 2), fmt(r.get("speedup"), 3), fmt(r.get("moe_plain_ms"), 2),
@@ -555,7 +569,7 @@ def serve_tpot_section(d: dict) -> tuple[str, list[str]]:
              f"{d['sere']['threshold']} vs SERE off; {d['input_len']} input / {d['output_len']} output tokens, "
              f"--request-rate inf under --max-concurrency; {d['order']}, {d['repeats']} rounds, medians; worker "
              f"binding `{d.get('bind')}`. Experts from the SERE counters on Ray's metrics export. Load: "
-             f"`{d.get('uptime_before', '?')}` before, `{d.get('uptime_after', '?')}` after.", ""]
+             f"{load_text(d)}.", ""]
     rows = [[str(r["concurrency"]), str(r["num_prompts"]), fmt(r["plain_median_tpot_ms"], 2),
              fmt(r["sere_median_tpot_ms"], 2), fmt(r["tpot_speedup"], 3), fmt(r["plain_output_throughput"], 1),
              fmt(r["sere_output_throughput"], 1), f"{fmt(r['distinct_before'], 1)} → {fmt(r['distinct_after'], 1)}"]
@@ -593,8 +607,7 @@ def eager_hook_section(d: dict) -> tuple[str, list[str]]:
              f"runs it, a {d.get('flush_mb')} MB buffer streamed before every timed call (as an experts kernel "
              f"evicts the caches), {d.get('calls')} calls per measurement, {d.get('order')}, {d.get('repeats')} "
              f"repeats, medians; both arms give the same ids, weights and counters. CPU: {cpu.get('model')}, "
-             f"AVX-512 {'yes' if cpu.get('avx512f') else 'no'}. Load: `{d.get('uptime_before', '?')}` before, "
-             f"`{d.get('uptime_after', '?')}` after.", ""]
+             f"AVX-512 {'yes' if cpu.get('avx512f') else 'no'}. Load: {load_text(d)}.", ""]
     rows = [[r["rule"], str(r["T"]), fmt(r["route_fast_us"], 1), fmt(r["plan_us"], 1), fmt(r["ratio"], 2)]
             for r in d["rows"]]
     lines += [table(["rule", "T", "route_fast µs", "RoutePlan µs", "route_fast / plan"], rows), ""]
