@@ -73,6 +73,9 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=50)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "eager_hook_cpu.json"))
     a = ap.parse_args()
+    for name in ("repeats", "calls"):
+        if getattr(a, name) < 1:
+            ap.error(f"--{name} must be >= 1")
     torch.set_num_threads(2)
     if not native.load_extension():
         print(f"native extension unavailable: {native.extension_error()}", file=sys.stderr)
