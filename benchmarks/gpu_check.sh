@@ -10,17 +10,30 @@
 #      counters and count gate, timings vs the old hook (bench_kernels_gpu.py --parts route)
 #   -> the Qwen3-30B-A3B-shaped MoE layer (E=128, k=8, hidden 2048, intermediate 768) with and without
 #      re-routing (bench_kernels_gpu.py --parts moe; plus the kernel sweep with SERE_GPU_FULL)
-#   -> end-to-end vLLM TPOT A/B, CUDA graphs on, on a 4-layer Qwen3-30B-A3B-shaped random bf16 checkpoint,
-#      batch 1, 16, 32, 64 (bench_tpot.py --gpu: `tpot_gpu` rows under "headline")
+#   -> end-to-end decode TPOT A/B, CUDA graphs on, of a 4-layer Qwen3-30B-A3B-shaped random bf16 model,
+#      batch 1, 16, 32, 64: in a torch decode loop (bench_decode_torch.py, always), and in vLLM engines
+#      (bench_tpot.py --gpu) where vLLM is importable; each writes `tpot_gpu` rows under "headline"
 #   -> the hook op's CPU timings on this host (benchmarks/bench_hook.py, when present)
+# The lent H200's image has torch but neither pydantic (sere_dist's config) nor vLLM: fetch the small
+# wheels here first with `bash benchmarks/gpu_wheels.sh` (-> .whl/, git-ignored) and carry them:
+#     run(command="bash benchmarks/gpu_check.sh", carry=[".whl"])
+# Every wheel in .whl/ is installed into a scratch folder on PYTHONPATH before the first step. vLLM cannot
+# travel (it pins torch 2.13.0 against the image's 2.11.0, and its wheel is over 300 MiB).
+# A device call brings back at most 8 files from its $OUT, so there pack them into one:
+#     run(command="D=$OUT; OUT=/tmp/gc PACK=$D/gpu_check.tgz bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=560)
+# then here: tar xzf <files_at>/gpu_check.tgz -C benchmarks/results && python benchmarks/make_results.py
 # Everything lands in $OUT (default benchmarks/results/): gpu_env.txt, build.log, check_compile.log,
-# test_native_gpu.log, route_gpu.{log,json}, kernels_gpu.{log,json}, tpot_gpu.{log,json,png}, hook_gpu_host.{log,json}.
+# test_native_gpu.log, route_gpu.{log,json}, kernels_gpu.{log,json}, tpot_gpu_torch.{log,json,png},
+# [tpot_gpu.{log,json,png}], hook_gpu_host.{log,json}.
 # A failed or timed-out step is reported loudly, later steps still run where they can, and the exit
 # status is 1 if anything failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
+PACK=${PACK:-}
+# PACK=file.tgz: everything in $OUT packed into one file on exit, whatever the outcome
+if [ -n "$PACK" ]; then trap 'tar czf "$PACK" -C "$OUT" . && echo "packed $OUT into $PACK"' EXIT; fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export SERE_EXT_CACHE=${SERE_EXT_CACHE:-$(mktemp -d)/sere_ext}  # fresh: the build itself is under test
 unset SERE_NATIVE
@@ -55,6 +68,19 @@ for cand in ${PYTHON:-} .venv/bin/python python3 python; do
   fi
 done
 
+# Carried wheels (benchmarks/gpu_wheels.sh) into a scratch folder ahead of everything else on PYTHONPATH.
+WHEELS_NOTE="no .whl/ folder carried"
+if [ -n "$PY" ] && ls .whl/*.whl >/dev/null 2>&1; then
+  SITE=$(mktemp -d)/site
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl; then
+    export PYTHONPATH="$SITE:$PYTHONPATH"
+    WHEELS_NOTE="installed into $SITE: $(cd .whl && ls *.whl | tr '\n' ' ')"
+  else
+    fail "installing the carried wheels in .whl/ (pip exit status above)"
+    WHEELS_NOTE="install FAILED"
+  fi
+fi
+
 step "environment"
 {
   date -u
@@ -66,6 +92,7 @@ step "environment"
   fi
   nproc
   uptime
+  echo "carried wheels: $WHEELS_NOTE"
 } 2>&1 | tee "$OUT/gpu_env.txt"
 if [ -z "$PY" ]; then
   fail "no Python with a CUDA-enabled torch found (tried: ${PYTHON:-} .venv/bin/python python3 python)"
@@ -94,6 +121,21 @@ else
   echo "skipped: the build above compiled the same sources (SERE_GPU_FULL=1 runs it)" | tee "$OUT/check_compile.log"
 fi
 
+step "what the steps import"
+# sere_dist.core.config needs pydantic; the tests need pytest. Missing modules are named here, once.
+"$PY" - <<'PY' 2>&1 | tee -a "$OUT/gpu_env.txt" || fail "imports: a module the steps need is missing (bash benchmarks/gpu_wheels.sh here, then carry .whl)"
+import importlib, sys
+missing = []
+for name in ("pydantic", "safetensors", "numpy", "pytest", "sere_dist.core.config", "tests.support", "vllm"):
+    try:
+        importlib.import_module(name)
+    except Exception as exc:  # noqa: BLE001
+        missing.append(name)
+        print(f"  cannot import {name}: {type(exc).__name__}: {exc}")
+print("imports:", "all present" if not missing else "missing " + ", ".join(missing))
+sys.exit(1 if [m for m in missing if m != "vllm"] else 0)
+PY
+
 step "tests/test_native.py (CUDA tests must run, not skip)"
 if "$PY" -c "import pytest" 2>/dev/null; then
   run_boxed "tests/test_native.py" 75 "$OUT/test_native_gpu.log" \
@@ -116,6 +158,12 @@ else
     "$PY" benchmarks/bench_kernels_gpu.py --quick --parts moe --out "$OUT/kernels_gpu.json"
 fi
 
+step "end-to-end decode TPOT in a torch decode loop, plain vs SERE S=1,2, CUDA graphs, batch 1/16/32/64"
+# random 4-layer Qwen3-30B-A3B-shaped bf16 model generated on the GPU (no checkpoint): seconds to start
+run_boxed "bench_decode_torch.py" 120 "$OUT/tpot_gpu_torch.log" \
+  "$PY" benchmarks/bench_decode_torch.py --batch-sizes 1,16,32,64 --s-values 1,2 --repeats 10 --tokens 32 \
+  --out "$OUT/tpot_gpu_torch.json"
+
 step "end-to-end vLLM TPOT, plain vs SERE S=2, CUDA graphs on, batch 1/16/32/64"
 if "$PY" -c "import vllm" 2>/dev/null; then
   # random 4-layer Qwen3-30B-A3B-shaped bf16 checkpoint (written once into the workdir, ~5 GB);
@@ -124,7 +172,8 @@ if "$PY" -c "import vllm" 2>/dev/null; then
     "$PY" benchmarks/bench_tpot.py --gpu --batch-sizes 1,16,32,64 --s-values 2 --repeats 5 --tokens 32 \
     --workdir "${SERE_GPU_WORKDIR:-/tmp/sere_gpu_tpot}" --out "$OUT/tpot_gpu.json"
 else
-  fail "vLLM is not importable by $PY: no end-to-end TPOT (.ci/setup.sh installs vllm where nvidia-smi works)"
+  echo "NOT RUN: vLLM is not importable by $PY (the lent H200's image has none, and it cannot be carried);" \
+       "the torch decode loop above is this run's end-to-end figure" | tee "$OUT/tpot_gpu.log"
 fi
 
 step "benchmarks/bench_hook.py (the hook op on this host's CPU, 1 thread)"

