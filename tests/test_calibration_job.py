@@ -4,6 +4,7 @@ clear errors before any Ray work, and a real `ray job submit` against a `ray sta
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -256,9 +257,15 @@ def test_parquet_jsonl_and_datasets_directory_give_the_same_tokens(models, tmp_p
 # ------------------------------------------------------------------ the real `ray job submit` CLI
 
 def test_ray_job_submit_cli_against_a_ray_start_head_writes_the_artifact(models, tmp_path):
-    # as the README says: Ray 2.60's default token auth, the CLI told to send the token
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
-    env.pop("RAY_ADDRESS", None)
+    # as the README says: Ray 2.60's default token auth, the CLI told to send the token. `ray start` does not
+    # make a token (it refuses to start without one), so the head and the CLI share one of this test's own
+    # through RAY_AUTH_TOKEN_PATH, as Ray's generator makes them, leaving ~/.ray/auth_token alone
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+           "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    for var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
+        env.pop(var, None)
     temp = Path("/tmp/cal_ray")
     # worker ports must not cover the client port; the agent's HTTP port is random (52365 may be taken)
     head = subprocess.Popen(
