@@ -428,11 +428,10 @@ def _uptime() -> str:
 
 def _git() -> dict[str, Any]:
     """The commit, and the package files that differ from it (the run measured the working tree)."""
-    def git(*a: str) -> str:
-        p = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=30)
-        return p.stdout if p.returncode == 0 else ""
-    return {"commit": git("rev-parse", "HEAD").strip(),
-            "modified": [ln[3:] for ln in git("status", "--porcelain", "--", "sere_dist", "cuda_ext").splitlines()]}
+    from bench_tpot import git_state
+
+    commit, modified = git_state(ROOT, paths=("sere_dist", "cuda_ext"), untracked=True) or ("", [])
+    return {"commit": commit, "modified": modified}
 
 
 def _version(dist: str) -> str:

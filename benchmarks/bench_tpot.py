@@ -152,14 +152,14 @@ def engine_rule_order(rules: list[str], engine: int) -> list[str]:
 def per_engine(samples: list[dict], batch: int, arm: str, rule: str) -> dict | None:
     """With more than one engine for a rule: per engine, the median plain TPOT and the paired speed-up of
     `arm` (None where an engine has under two rounds). Samples without `engine` are engine 0."""
-    engines = sorted({s.get("engine", 0) for s in samples if s["batch"] == batch and s["rule"] == rule})
+    cell = [s for s in samples if s["batch"] == batch and s["rule"] == rule]
+    engines = sorted({s.get("engine", 0) for s in cell})
     if len(engines) < 2:
         return None
     plain, speed = [], []
     for e in engines:
-        mine = [s for s in samples if s.get("engine", 0) == e]
-        plain.append(median_or_none([s["tpot_ms"] for s in mine
-                                     if s["batch"] == batch and s["rule"] == rule and s["arm"] == "plain"]))
+        mine = [s for s in cell if s.get("engine", 0) == e]
+        plain.append(median_or_none([s["tpot_ms"] for s in mine if s["arm"] == "plain"]))
         p = paired_speedup(round_pairs(mine, batch, arm, rule))
         speed.append(p["speedup"] if p else None)
     return {"plain_ms": plain, "speedup": speed}
@@ -1005,20 +1005,28 @@ def merge_runs(old: dict, new: dict, name: str) -> dict:
     return out
 
 
-def code_version(root: Path = HERE.parent) -> dict | None:
-    """The commit the benchmark ran from, and whether tracked files other than the results differed from it
-    (None outside a git checkout): runs of different days are compared only knowing which code each measured."""
+def git_state(root: Path = HERE.parent, paths: tuple[str, ...] = (".",), exclude: tuple[str, ...] = (),
+              untracked: bool = False) -> tuple[str, list[str]] | None:
+    """(HEAD's commit, the files under `paths` but not `exclude` that differ from it: tracked ones, and untracked
+    ones too with `untracked`), or None outside a git checkout. What a benchmark records of the code it ran."""
     def git(*cmd: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", "-C", str(root), *cmd], capture_output=True, text=True, timeout=30)
     try:
-        head = git("rev-parse", "--short=12", "HEAD")
+        head = git("rev-parse", "HEAD")
         if head.returncode != 0:
             return None
-        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                    ":(exclude)benchmarks/results").stdout.strip() != ""
+        status = git("status", "--porcelain", f"--untracked-files={'normal' if untracked else 'no'}", "--",
+                     *paths, *(f":(exclude){x}" for x in exclude)).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    return {"commit": head.stdout.strip(), "dirty": dirty}
+    return head.stdout.strip(), [ln[3:] for ln in status.splitlines()]
+
+
+def code_version(root: Path = HERE.parent) -> dict | None:
+    """The commit the benchmark ran from, and whether tracked files other than the results differed from it
+    (None outside a git checkout): runs of different days are compared only knowing which code each measured."""
+    state = git_state(root, exclude=("benchmarks/results",))
+    return None if state is None else {"commit": state[0][:12], "dirty": bool(state[1])}
 
 
 def cpu_info() -> dict:

@@ -275,3 +275,21 @@ def test_results_section_gives_each_engines_figures():
     assert "batch 16 paper S=2: 91.0 / 1.500, 120.0 / 2.000" in text
     text1, _ = tpot_section({**d, "rows": [{k: v for k, v in row.items() if "engine" not in k}]})
     assert "one engine" in text1 and "Engine by engine" not in text1
+
+
+def test_git_state_lists_changed_files_under_the_paths_with_untracked_ones_on_request(tmp_path):
+    from bench_tpot import git_state
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("a = 1\n")
+    (tmp_path / "other.py").write_text("b = 1\n")
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", "-A")
+    _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "x")
+    (tmp_path / "pkg" / "a.py").write_text("a = 2\n")
+    (tmp_path / "pkg" / "new.py").write_text("c = 1\n")
+    (tmp_path / "other.py").write_text("b = 2\n")
+    commit, changed = git_state(tmp_path, paths=("pkg",), untracked=True)
+    assert commit == _git(tmp_path, "rev-parse", "HEAD") and sorted(changed) == ["pkg/a.py", "pkg/new.py"]
+    assert git_state(tmp_path, paths=("pkg",))[1] == ["pkg/a.py"]
+    assert git_state(tmp_path / "pkg" / ".." / "missing") is None
